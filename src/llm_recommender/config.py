@@ -1,0 +1,693 @@
+"""Configuration: a typed dataclass tree, loaded from YAML, validated once, with overrides.
+
+``load_config(path, overrides)`` is the one entry point. Every key of ``config/config.yaml``
+is a field below; a mistyped key is an error naming the closest valid key, a wrong type or an
+out-of-range value is an error naming the key and the fix (never a silent ``None``).
+
+Overrides use dotted paths: ``--set stage_a.learning_rate=3e-4 --set data.k_core=1``; the
+value is parsed as YAML (``true``, ``[1, 5]``, ``null`` work).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from .errors import ConfigError
+
+CONFIG_FORMAT_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------
+# The tree
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataColumns:
+    """Column names in the raw file; ``null`` means: detect from the known formats."""
+
+    user: Optional[str] = None
+    """User id column (e.g. ``reviewerID``, ``user_id``, ``userId``)."""
+    item: Optional[str] = None
+    """Item id column (e.g. ``asin``, ``parent_asin``, ``movieId``)."""
+    timestamp: Optional[str] = None
+    """Time column (e.g. ``unixReviewTime``, ``timestamp``); ``null`` with no time column: file order."""
+    rating: Optional[str] = None
+    """Rating column, used only by ``data.min_rating``."""
+
+
+@dataclass
+class DataConfig:
+    """Raw logs → processed dataset (``llmrec preprocess``)."""
+
+    path: Optional[str] = None
+    """Raw interaction file (any supported format, gzip or not). Required by preprocess."""
+    format: str = "auto"
+    """``auto`` or one of: amazon_json, amazon_ratings_csv, amazon2023_csv, amazon2023_jsonl,
+    csv, movielens_udata, movielens_dat, movielens_csv, sasrec_pairs, sasrec_sequences."""
+    columns: DataColumns = field(default_factory=DataColumns)
+    """Column-name overrides for CSV/JSON inputs."""
+    delimiter: Optional[str] = None
+    """Field delimiter for ``csv``; ``null`` detects it."""
+    timestamp_unit: str = "auto"
+    """``auto``, ``s`` or ``ms``: unit of the time column (Amazon'23 uses milliseconds)."""
+    min_rating: Optional[float] = None
+    """Drop interactions with a rating below this (``null``: keep all)."""
+    dedup: bool = True
+    """Drop exact duplicate events (same user, item and time)."""
+    k_core: int = 5
+    """Iterative k-core: keep users and items with at least k interactions (1 disables)."""
+    split: Literal["leave_one_out", "chronological"] = "leave_one_out"
+    """``leave_one_out`` (last item test, second-to-last validation: SASRec's protocol, the
+    default because the evaluation uses it) or ``chronological`` (global time split)."""
+    split_ratios: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    """Train/validation/test fractions of events for ``split: chronological``."""
+    min_user_interactions_for_eval: int = 3
+    """Users with fewer events keep all of them in training and are not evaluated."""
+    skip_bad_lines: bool = False
+    """Count and skip malformed lines instead of stopping at the first one."""
+    normalize_ids: bool = True
+    """Unicode-normalise ids (NFC) and strip surrounding spaces; case is always kept."""
+
+    def __post_init__(self) -> None:
+        _check(self.k_core >= 1, "data.k_core", self.k_core, "must be >= 1 (1 disables k-core)")
+        _check(
+            len(self.split_ratios) == 3
+            and all(r >= 0 for r in self.split_ratios)
+            and abs(sum(self.split_ratios) - 1.0) < 1e-6
+            and self.split_ratios[0] > 0,
+            "data.split_ratios",
+            self.split_ratios,
+            "must be three non-negative fractions (train, validation, test) summing to 1",
+        )
+        _check(
+            self.timestamp_unit in ("auto", "s", "ms"),
+            "data.timestamp_unit",
+            self.timestamp_unit,
+            "must be auto, s or ms",
+        )
+        _check(
+            self.min_user_interactions_for_eval >= 3,
+            "data.min_user_interactions_for_eval",
+            self.min_user_interactions_for_eval,
+            "must be >= 3 (one train, one validation and one test event)",
+        )
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter settings (``model.finetune: lora``), passed to PEFT's ``LoraConfig``."""
+
+    r: int = 8
+    """Adapter rank."""
+    alpha: int = 16
+    """Scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: Optional[list[str]] = None
+    """Module names to adapt; ``null`` picks the attention projections of the family."""
+
+    def __post_init__(self) -> None:
+        _check(self.r >= 1, "model.lora.r", self.r, "must be >= 1")
+        _check(0.0 <= self.dropout < 1.0, "model.lora.dropout", self.dropout, "must be in [0, 1)")
+
+
+@dataclass
+class ModelConfig:
+    """The Stage A model: ID tables, projections and the LLM backbone."""
+
+    base_llm: str = "gpt2"
+    """Hugging Face hub name (offline from the cache), a local model folder, or a .gguf file."""
+    embedding_dim: int = 128
+    """Width d_rec of the user and item tables (the spec's embedding_dim)."""
+    freeze_llm_stage_a: bool = True
+    """The spec's switch: true keeps the backbone frozen, false fine-tunes it fully.
+    ``model.finetune`` (when set) takes precedence."""
+    random_init_stage_a_llm: bool = False
+    """Build the backbone from its config with random weights (no weights needed)."""
+    finetune: Optional[Literal["full", "frozen", "lora"]] = None
+    """``full``, ``frozen`` or ``lora``; ``null`` follows freeze_llm_stage_a."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA settings, used when finetune is ``lora``."""
+    num_layers: Optional[int] = None
+    """Keep only the first k transformer layers (pretrained) or build k layers (random)."""
+    hidden_size: Optional[int] = None
+    """Random init only: backbone width (``null``: the architecture's own)."""
+    num_heads: Optional[int] = None
+    """Random init only: attention heads (``null``: the architecture's own, or width/64)."""
+    intermediate_size: Optional[int] = None
+    """Random init only: MLP width (``null``: 4 × hidden_size)."""
+    dropout: Optional[float] = None
+    """Dropout inside the backbone (``null``: the architecture's own; pretrained GPT-2: 0.1)."""
+    embedding_dropout: float = 0.0
+    """Dropout on the soft-token embeddings before the backbone."""
+    max_seq_len: int = 50
+    """Most recent items fed to the model (SASRec: 50 on Amazon, 200 on MovieLens)."""
+    use_user_token: bool = True
+    """Prepend the user soft token ``[user, item_1, ..., item_T]``; false feeds items only."""
+    unknown_user_prob: float = 0.0
+    """Training: probability of replacing a user with the learned unknown-user row (index 0),
+    which is what cold users (a history, no id) get at inference."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weight dtype of the backbone (fp32 on CPU: bf16 is 6-50x slower there)."""
+    attn_implementation: Optional[str] = "sdpa"
+    """Attention kernel passed to transformers (``sdpa``, ``eager``, ``flash_attention_2``)."""
+    trust_remote_code: bool = False
+    """Allow a model folder to run its own Python code. Off unless you trust the source."""
+    gguf_file: Optional[str] = None
+    """File name inside ``base_llm`` folder when it holds a GGUF file (or give the .gguf path)."""
+
+    def __post_init__(self) -> None:
+        _check(self.embedding_dim >= 1, "model.embedding_dim", self.embedding_dim, "must be >= 1")
+        _check(self.max_seq_len >= 1, "model.max_seq_len", self.max_seq_len, "must be >= 1")
+        _check(
+            self.num_layers is None or self.num_layers >= 1,
+            "model.num_layers",
+            self.num_layers,
+            "must be >= 1 or null",
+        )
+        for key in ("hidden_size", "num_heads", "intermediate_size"):
+            value = getattr(self, key)
+            _check(value is None or value >= 1, f"model.{key}", value, "must be >= 1 or null")
+        if self.hidden_size is not None and self.num_heads is not None:
+            _check(
+                self.hidden_size % self.num_heads == 0,
+                "model.num_heads",
+                self.num_heads,
+                f"must divide model.hidden_size={self.hidden_size}",
+            )
+        for key in ("dropout", "embedding_dropout", "unknown_user_prob"):
+            value = getattr(self, key)
+            _check(value is None or 0.0 <= value < 1.0, f"model.{key}", value, "must be in [0, 1)")
+        if self.finetune is not None and self.finetune != "lora":
+            # Keep the spec's key and the new one consistent so that either can be read.
+            self.freeze_llm_stage_a = self.finetune == "frozen"
+
+    @property
+    def finetune_mode(self) -> str:
+        """The effective mode: ``full``, ``frozen`` or ``lora``."""
+        if self.finetune is not None:
+            return self.finetune
+        return "frozen" if self.freeze_llm_stage_a else "full"
+
+
+@dataclass
+class EmbeddingsConfig:
+    """The user and item ID tables."""
+
+    lambda_c: float = 1.0e-6
+    """L2 weight: lambda_c * (||E_user[batch]||^2 + ||E_item[batch]||^2), on the rows in the batch."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation of both tables."""
+    sparse: bool = False
+    """Sparse gradients + SparseAdam for the tables (large catalogues: 30-45x cheaper steps)."""
+
+    def __post_init__(self) -> None:
+        _check(self.lambda_c >= 0, "embeddings.lambda_c", self.lambda_c, "must be >= 0")
+        _check(self.init_std > 0, "embeddings.init_std", self.init_std, "must be > 0")
+
+
+@dataclass
+class LossWeights:
+    """Weights of the Stage A loss terms (0 disables a term)."""
+
+    cross_entropy: float = 1.0
+    """Next-item cross-entropy at every non-padding position."""
+    context_bpr: float = 0.5
+    """BPR of the projected context state vs. the positive and sampled negatives."""
+    user_bpr: float = 0.5
+    """BPR of the user embedding vs. the same positive and negatives."""
+
+    def __post_init__(self) -> None:
+        for key in ("cross_entropy", "context_bpr", "user_bpr"):
+            value = getattr(self, key)
+            _check(value >= 0, f"stage_a.loss_weights.{key}", value, "must be >= 0")
+
+
+@dataclass
+class CollaborativeConfig:
+    """Negative sampling for the BPR terms."""
+
+    negative_samples: int = 4
+    """Negatives per positive for the BPR terms (never equal to the positive)."""
+    use_bpr_loss: bool = True
+    """Turn both BPR terms on or off (their weights stay in loss_weights)."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.negative_samples >= 1,
+            "stage_a.collaborative.negative_samples",
+            self.negative_samples,
+            "must be >= 1",
+        )
+
+
+@dataclass
+class CrossEntropyConfig:
+    """How the next-item cross-entropy is computed over the catalogue."""
+
+    mode: Literal["full", "sampled"] = "full"
+    """``full``: exact softmax over all items, chunked to ``chunk_size`` positions at a time.
+    ``sampled``: softmax over the positive and ``num_sampled`` shared negatives drawn from
+    the item popularity, with log-Q correction (cheap for 349K items, slightly biased)."""
+    chunk_size: int = 4096
+    """Positions scored at once in ``full`` mode; bounds memory at chunk_size x num_items."""
+    num_sampled: int = 1024
+    """Shared negatives per batch in ``sampled`` mode."""
+    logq_correction: bool = True
+    """Subtract log of the sampling probability from sampled logits (unbiased softmax)."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the full cross-entropy."""
+
+    def __post_init__(self) -> None:
+        _check(self.chunk_size >= 1, "stage_a.ce.chunk_size", self.chunk_size, "must be >= 1")
+        _check(self.num_sampled >= 1, "stage_a.ce.num_sampled", self.num_sampled, "must be >= 1")
+        _check(
+            0.0 <= self.label_smoothing < 1.0,
+            "stage_a.ce.label_smoothing",
+            self.label_smoothing,
+            "must be in [0, 1)",
+        )
+
+
+@dataclass
+class StageAConfig:
+    """Stage A training (``llmrec train``)."""
+
+    batch_size: int = 64
+    """Sequences per optimizer micro-batch (per process)."""
+    learning_rate: float = 1.0e-3
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.01
+    """AdamW weight decay, on matrices only (not norms, biases or the ID tables)."""
+    embedding_weight_decay: float = 0.0
+    """AdamW weight decay on the ID tables (lambda_c is the spec's regulariser)."""
+    num_epochs: int = 10
+    """Maximum number of epochs."""
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps (``null``: run num_epochs)."""
+    max_train_minutes: Optional[float] = None
+    """Wall-clock budget: stop (after validating) once it is used up."""
+    warmup_ratio: float = 0.02
+    """Fraction of the total steps spent in linear warmup."""
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak (cosine and linear)."""
+    max_grad_norm: Optional[float] = 1.0
+    """Gradient clipping (``null`` disables)."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
+    seed: int = 42
+    """Seed of initialisation, data order and negative sampling."""
+    patience: int = 3
+    """Early stopping: validations without a better NDCG@10 before stopping (0 disables)."""
+    eval_every_epochs: int = 1
+    """Validate every this many epochs."""
+    eval_protocol: Literal["sampled", "full"] = "sampled"
+    """Protocol of the validation metric used for early stopping."""
+    eval_max_users: Optional[int] = None
+    """Validate on a seeded sample of users (``null``: all); the test is always on all."""
+    windows_per_user: int = 1
+    """Training windows per user per epoch: the most recent one, then earlier ones."""
+    loss_weights: LossWeights = field(default_factory=LossWeights)
+    """Weights of the loss terms."""
+    collaborative: CollaborativeConfig = field(default_factory=CollaborativeConfig)
+    """Negative sampling for the BPR terms."""
+    ce: CrossEntropyConfig = field(default_factory=CrossEntropyConfig)
+    """How the cross-entropy is computed."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """``auto``: bf16 on CUDA, fp32 on CPU."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+    log_every_steps: int = 50
+    """Progress-bar and metrics.jsonl update interval."""
+    compile: bool = False
+    """torch.compile the backbone (no CPU speed-up measured; try on GPU)."""
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "stage_a.batch_size", self.batch_size, "must be >= 1")
+        _check(
+            self.learning_rate > 0, "stage_a.learning_rate", self.learning_rate, "must be > 0"
+        )
+        _check(self.weight_decay >= 0, "stage_a.weight_decay", self.weight_decay, "must be >= 0")
+        _check(
+            self.embedding_weight_decay >= 0,
+            "stage_a.embedding_weight_decay",
+            self.embedding_weight_decay,
+            "must be >= 0",
+        )
+        _check(self.num_epochs >= 1, "stage_a.num_epochs", self.num_epochs, "must be >= 1")
+        _check(
+            self.max_steps is None or self.max_steps >= 1,
+            "stage_a.max_steps",
+            self.max_steps,
+            "must be >= 1 or null",
+        )
+        _check(
+            self.max_train_minutes is None or self.max_train_minutes > 0,
+            "stage_a.max_train_minutes",
+            self.max_train_minutes,
+            "must be > 0 or null",
+        )
+        _check(0 <= self.warmup_ratio < 1, "stage_a.warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
+        _check(0 <= self.min_lr_ratio <= 1, "stage_a.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        _check(
+            self.max_grad_norm is None or self.max_grad_norm > 0,
+            "stage_a.max_grad_norm",
+            self.max_grad_norm,
+            "must be > 0 or null",
+        )
+        _check(
+            self.gradient_accumulation_steps >= 1,
+            "stage_a.gradient_accumulation_steps",
+            self.gradient_accumulation_steps,
+            "must be >= 1",
+        )
+        _check(self.patience >= 0, "stage_a.patience", self.patience, "must be >= 0")
+        _check(
+            self.eval_every_epochs >= 1,
+            "stage_a.eval_every_epochs",
+            self.eval_every_epochs,
+            "must be >= 1",
+        )
+        _check(
+            self.eval_max_users is None or self.eval_max_users >= 1,
+            "stage_a.eval_max_users",
+            self.eval_max_users,
+            "must be >= 1 or null",
+        )
+        _check(
+            self.windows_per_user >= 1,
+            "stage_a.windows_per_user",
+            self.windows_per_user,
+            "must be >= 1",
+        )
+        _check(self.num_workers >= 0, "stage_a.num_workers", self.num_workers, "must be >= 0")
+        _check(
+            self.log_every_steps >= 1, "stage_a.log_every_steps", self.log_every_steps, "must be >= 1"
+        )
+
+
+@dataclass
+class EvaluationConfig:
+    """Evaluation (``llmrec evaluate``, validation during training)."""
+
+    num_negatives: int = 100
+    """Sampled protocol: negatives per user (SASRec: 100)."""
+    negative_sampling: Literal["uniform", "popularity"] = "uniform"
+    """How sampled negatives are drawn from the items the user never interacted with."""
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10, 20])
+    """Cut-offs for Hit@K and NDCG@K."""
+    full_ranking: bool = True
+    """Also rank the target among all items (items in the user's input masked)."""
+    seed: int = 2024
+    """Seed of the negative candidates (same seed, same candidates for every model)."""
+    batch_size: int = 256
+    """Users scored at once."""
+    split: Literal["valid", "test"] = "test"
+    """Split evaluated by ``llmrec evaluate`` / ``scripts/predict.py``."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.num_negatives >= 1, "evaluation.num_negatives", self.num_negatives, "must be >= 1"
+        )
+        _check(
+            len(self.ks) >= 1 and all(isinstance(k, int) and k >= 1 for k in self.ks),
+            "evaluation.ks",
+            self.ks,
+            "must be a non-empty list of positive integers",
+        )
+        _check(self.batch_size >= 1, "evaluation.batch_size", self.batch_size, "must be >= 1")
+
+
+@dataclass
+class ServingConfig:
+    """Top-K recommendation and the HTTP service."""
+
+    default_k: int = 10
+    """K when a request does not give one."""
+    max_k: int = 1000
+    """Largest K a request may ask for (larger: HTTP 422)."""
+    max_history: int = 1000
+    """Longest history a request may send (longer: HTTP 422); the model reads the last max_seq_len."""
+    max_batch_users: int = 1024
+    """Most users in one /recommend/batch request."""
+    max_body_bytes: int = 1_000_000
+    """Largest request body accepted (larger: HTTP 413)."""
+    unknown_items: Literal["ignore", "error"] = "ignore"
+    """Unknown item ids in a history: ``ignore`` (dropped, listed in the response) or ``error`` (404)."""
+    batch_window_ms: float = 2.0
+    """How long the service waits to gather concurrent requests into one forward pass."""
+
+    def __post_init__(self) -> None:
+        _check(self.default_k >= 1, "serving.default_k", self.default_k, "must be >= 1")
+        _check(self.max_k >= self.default_k, "serving.max_k", self.max_k, "must be >= serving.default_k")
+        _check(self.max_history >= 1, "serving.max_history", self.max_history, "must be >= 1")
+        _check(self.max_batch_users >= 1, "serving.max_batch_users", self.max_batch_users, "must be >= 1")
+        _check(self.max_body_bytes >= 1024, "serving.max_body_bytes", self.max_body_bytes, "must be >= 1024")
+        _check(self.batch_window_ms >= 0, "serving.batch_window_ms", self.batch_window_ms, "must be >= 0")
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and how things run."""
+
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
+    num_threads: Optional[int] = None
+    """torch CPU threads (``null``: torch's default). 1 is often faster on a busy machine."""
+    deterministic: bool = True
+    """Deterministic algorithms where torch offers them (CPU runs repeat bit for bit)."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.num_threads is None or self.num_threads >= 1,
+            "runtime.num_threads",
+            self.num_threads,
+            "must be >= 1 or null",
+        )
+
+
+@dataclass
+class Config:
+    """The whole configuration; ``config/config.yaml`` documents every key."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
+    stage_a: StageAConfig = field(default_factory=StageAConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML/JSON serialisable)."""
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and validation
+# --------------------------------------------------------------------------------------------
+
+
+def _check(condition: bool, key: str, value: Any, requirement: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}={value!r} {requirement}")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return f"a list of {_type_name(inner)}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it converted (int → float only)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}={value!r} must be {_type_name(tp)}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{key}={value!r} must be {_type_name(tp)}{hint}")
+        return value
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}={value!r} must be {_type_name(tp)}")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping of keys, got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}={value!r} must be an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-4" (no dot) as a string: accept it as a number.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}={value!r} must be a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}={value!r} must be a string")
+    raise ConfigError(f"{key}: unsupported type {tp!r}")  # pragma: no cover - a bug here
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for raw_key, value in values.items():
+        key = str(raw_key)
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else ""
+            valid = ", ".join(names)
+            raise ConfigError(f"unknown key '{full}'{hint} (valid keys here: {valid})")
+        kwargs[key] = _coerce(value, hints[key], full)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except TypeError as exc:  # pragma: no cover - guarded by the key check above
+        raise ConfigError(f"{prefix or 'config'}: {exc}") from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``section.key=value`` (value as YAML) into (path, value)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. stage_a.batch_size=32")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. stage_a.batch_size=32")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``--set`` overrides to a raw (not yet validated) config mapping."""
+    for text in overrides or []:
+        path, value = parse_override(text)
+        node = raw
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(
+                    f"--set {text!r}: '{'.'.join(path[: i + 1])}' is a value, not a section"
+                )
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with one-line errors naming the file (and line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc.__class__.__name__})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return data
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    """Validate a raw mapping into a :class:`Config`."""
+    try:
+        return _build(Config, raw, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides.
+
+    Args:
+        path: YAML file; ``None`` starts from the built-in defaults.
+        overrides: ``section.key=value`` strings, applied in order.
+    """
+    raw = read_yaml(path) if path is not None else {}
+    raw = apply_overrides(raw, overrides)
+    return config_from_dict(raw, str(path) if path is not None else "config")
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    from .io_utils import atomic_write_text
+
+    text = yaml.safe_dump(
+        {"config_format_version": CONFIG_FORMAT_VERSION, **config.to_dict()}, sort_keys=False
+    )
+    atomic_write_text(path, text)
+
+
+def load_saved_config(path: str | Path) -> Config:
+    """Read a config written by :func:`save_config` (checkpoints, processed data)."""
+    raw = read_yaml(path)
+    raw.pop("config_format_version", None)
+    return config_from_dict(raw, str(path))

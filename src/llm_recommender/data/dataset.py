@@ -1,0 +1,173 @@
+"""The processed dataset on disk (see docs/data_format.md), and what training reads from it.
+
+``ProcessedData`` memory-maps the arrays written by preprocessing; it is the one object
+training, evaluation and serving use to reach sequences, splits and id maps.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError
+
+PROCESSED_FORMAT_VERSION = 1
+
+SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}
+
+REQUIRED_FILES = (
+    "meta.json",
+    "user_ids.txt",
+    "item_ids.txt",
+    "seq_offsets.npy",
+    "seq_items.npy",
+    "seq_timestamps.npy",
+    "seq_split.npy",
+)
+
+
+def _read_ids(path: Path) -> list[str]:
+    text = path.read_text(encoding="utf-8")
+    if not text:
+        return []
+    if not text.endswith("\n"):
+        raise DataError(f"{path}: truncated id file (no final newline)")
+    return text[:-1].split("\n")
+
+
+class ProcessedData:
+    """A processed dataset folder, memory-mapped.
+
+    Args:
+        path: folder written by ``llmrec preprocess``.
+        mmap: memory-map the arrays (default) instead of reading them into RAM.
+    """
+
+    def __init__(self, path: str | Path, mmap: bool = True) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise DataError(f"{self.path}: processed data folder not found (run llmrec preprocess)")
+        missing = [name for name in REQUIRED_FILES if not (self.path / name).is_file()]
+        if missing:
+            raise DataError(
+                f"{self.path}: not a processed dataset (missing {', '.join(missing)}); "
+                "run llmrec preprocess"
+            )
+        try:
+            self.meta: dict = json.loads((self.path / "meta.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DataError(f"{self.path / 'meta.json'}: corrupt ({exc})") from None
+        version = self.meta.get("format_version")
+        if version != PROCESSED_FORMAT_VERSION:
+            raise DataError(
+                f"{self.path / 'meta.json'}: format_version {version!r}, this package reads "
+                f"{PROCESSED_FORMAT_VERSION}; preprocess the data again"
+            )
+        mode = "r" if mmap else None
+        try:
+            self.offsets = np.load(self.path / "seq_offsets.npy", mmap_mode=mode)
+            self.items = np.load(self.path / "seq_items.npy", mmap_mode=mode)
+            self.timestamps = np.load(self.path / "seq_timestamps.npy", mmap_mode=mode)
+            self.split_labels = np.load(self.path / "seq_split.npy", mmap_mode=mode)
+        except (ValueError, OSError, EOFError) as exc:
+            raise DataError(f"{self.path}: corrupt array file ({exc})") from None
+        self.num_users = int(self.meta["num_users"])
+        self.num_items = int(self.meta["num_items"])
+        self.num_interactions = int(self.meta["num_interactions"])
+        if (
+            len(self.offsets) != self.num_users + 2
+            or len(self.items) != self.num_interactions
+            or len(self.timestamps) != self.num_interactions
+            or len(self.split_labels) != self.num_interactions
+            or int(self.offsets[-1]) != self.num_interactions
+        ):
+            raise DataError(f"{self.path}: array sizes disagree with meta.json (corrupt folder)")
+
+    # ---------------------------------------------------------------- sequences and splits
+
+    @cached_property
+    def lengths(self) -> np.ndarray:
+        """Events per user, indexed by user (entry 0 is the empty unknown user)."""
+        return np.diff(np.asarray(self.offsets)).astype(np.int64)
+
+    @cached_property
+    def train_lengths(self) -> np.ndarray:
+        """Training events per user (a prefix of each user's sequence)."""
+        is_train = (np.asarray(self.split_labels) == 0).astype(np.int64)
+        cumulative = np.concatenate([[0], np.cumsum(is_train)])
+        offsets = np.asarray(self.offsets)
+        return cumulative[offsets[1:]] - cumulative[offsets[:-1]]
+
+    def sequence(self, user: int) -> np.ndarray:
+        """All of a user's item indices in time order."""
+        return np.asarray(self.items[self.offsets[user] : self.offsets[user + 1]])
+
+    def train_sequence(self, user: int) -> np.ndarray:
+        """A user's training items (the prefix labelled train)."""
+        start = int(self.offsets[user])
+        return np.asarray(self.items[start : start + int(self.train_lengths[user])])
+
+    def eval_examples(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """Users evaluated on ``split`` and the flat position of each one's target.
+
+        The target is the user's first event labelled ``split`` that has an earlier event;
+        the history is ``items[offsets[user]:position]``.
+
+        Returns:
+            (users, positions): int64 arrays of equal length, users ascending.
+        """
+        if split not in ("valid", "test"):
+            raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+        code = SPLIT_CODES[split]
+        labels = np.asarray(self.split_labels)
+        offsets = np.asarray(self.offsets)
+        positions = np.flatnonzero(labels == code)
+        if len(positions) == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        owners = np.searchsorted(offsets, positions, side="right") - 1
+        # First labelled event of each user (positions ascending, owners ascending).
+        first = np.ones(len(positions), dtype=bool)
+        first[1:] = owners[1:] != owners[:-1]
+        positions, owners = positions[first], owners[first]
+        has_history = positions > offsets[owners]
+        return owners[has_history].astype(np.int64), positions[has_history].astype(np.int64)
+
+    def item_popularity(self, include_valid: bool = False) -> np.ndarray:
+        """Interaction counts per item (index 0 is padding, count 0) over training events
+        (and validation events with ``include_valid``)."""
+        labels = np.asarray(self.split_labels)
+        keep = labels == 0 if not include_valid else labels <= 1
+        counts = np.bincount(np.asarray(self.items)[keep], minlength=self.num_items + 1)
+        counts[0] = 0
+        return counts.astype(np.int64)
+
+    # ---------------------------------------------------------------- id maps
+
+    @cached_property
+    def user_ids(self) -> list[str]:
+        """Original user ids; ``user_ids[u - 1]`` is user index ``u``."""
+        ids = _read_ids(self.path / "user_ids.txt")
+        if len(ids) != self.num_users:
+            raise DataError(f"{self.path / 'user_ids.txt'}: {len(ids)} ids, meta.json says {self.num_users}")
+        return ids
+
+    @cached_property
+    def item_ids(self) -> list[str]:
+        """Original item ids; ``item_ids[i - 1]`` is item index ``i``."""
+        ids = _read_ids(self.path / "item_ids.txt")
+        if len(ids) != self.num_items:
+            raise DataError(f"{self.path / 'item_ids.txt'}: {len(ids)} ids, meta.json says {self.num_items}")
+        return ids
+
+    @cached_property
+    def user_index(self) -> dict[str, int]:
+        """Original user id → user index (1-based)."""
+        return {uid: i + 1 for i, uid in enumerate(self.user_ids)}
+
+    @cached_property
+    def item_index(self) -> dict[str, int]:
+        """Original item id → item index (1-based)."""
+        return {iid: i + 1 for i, iid in enumerate(self.item_ids)}
