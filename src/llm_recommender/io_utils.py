@@ -102,10 +102,20 @@ def replace_directory(source: Path, final: Path, overwrite: bool = True) -> None
 
 
 def clean_stale_temporaries(folder: str | Path, name: str) -> None:
-    """Remove leftovers of an interrupted atomic write of ``folder/name`` (``.name.*.tmp``)."""
+    """Tidy up after an interrupted atomic write of ``folder/name``.
+
+    A kill between the two renames of :func:`replace_directory` leaves no ``name`` but a
+    complete ``.name.old-PID``: that previous state is renamed back. Then unfinished
+    temporaries (``.name.*.tmp``) and stale ``.old-`` copies are removed.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         return
+    final = folder / name
+    if not final.exists():
+        olds = sorted(folder.glob(f".{name}.old-*"), key=lambda p: p.stat().st_mtime)
+        if olds:
+            os.replace(olds[-1], final)
     for child in folder.glob(f".{name}.*"):
         if child.name.endswith(".tmp") or ".old-" in child.name:
             if child.is_dir():

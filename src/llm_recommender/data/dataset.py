@@ -171,3 +171,88 @@ class ProcessedData:
     def item_index(self) -> dict[str, int]:
         """Original item id → item index (1-based)."""
         return {iid: i + 1 for i, iid in enumerate(self.item_ids)}
+
+
+# ---------------------------------------------------------------------------------- training
+
+
+class TrainWindows:
+    """Training examples: windows of each user's training prefix, built in whole batches.
+
+    Each example is one user and the end of a window over the user's training events. The
+    most recent window ends at the last training event; with ``windows_per_user > 1`` earlier,
+    non-overlapping windows are added (long histories otherwise see only their tail).
+
+    A window ``w_1..w_n`` (n <= max_seq_len + 1) becomes, right-padded with item 0:
+
+    - with the user token: ``item_seq = w_1..w_{n-1}``, ``targets = w_1..w_n``: the user
+      position predicts ``w_1``, item position j predicts ``w_{j+1}``;
+    - without: ``item_seq = w_1..w_{n-1}``, ``targets = w_2..w_n``.
+
+    Args:
+        data: the processed dataset.
+        max_seq_len: most input items per example.
+        use_user_token: whether the model prepends a user token.
+        windows_per_user: windows per user (the most recent first).
+    """
+
+    def __init__(
+        self,
+        data: ProcessedData,
+        max_seq_len: int,
+        use_user_token: bool = True,
+        windows_per_user: int = 1,
+    ) -> None:
+        self.max_seq_len = int(max_seq_len)
+        self.use_user_token = bool(use_user_token)
+        self.items = np.asarray(data.items)
+        starts = np.asarray(data.offsets)[:-1].astype(np.int64)
+        ends = starts + data.train_lengths
+        # A user needs one training event with the user token (it predicts it from the user
+        # alone), two without (an input and a target).
+        min_len = 1 if self.use_user_token else 2
+        users, window_ends = [], []
+        span = self.max_seq_len + 1
+        for k in range(windows_per_user):
+            end = ends - k * span
+            ok = (end - starts) >= min_len
+            ok[0] = False  # user 0 (unknown) has no events
+            if k > 0:
+                # Earlier windows only where the user has that many events left.
+                ok &= (ends - starts) > k * span
+            users.append(np.flatnonzero(ok))
+            window_ends.append(end[ok])
+        self.users = np.concatenate(users).astype(np.int64)
+        self.window_ends = np.concatenate(window_ends).astype(np.int64)
+        self.window_starts = np.maximum(starts[self.users], self.window_ends - span)
+        if len(self.users) == 0:
+            raise DataError(f"{data.path}: no user has enough training events to train on")
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """Build one right-padded batch of examples ``indices`` (numpy, vectorised).
+
+        Returns:
+            ``user_ids`` (B,), ``item_seq`` (B, max_seq_len), ``targets`` (B, S) with
+            S = max_seq_len + 1 with the user token, else max_seq_len; all int64.
+        """
+        indices = np.asarray(indices, dtype=np.int64)
+        span = self.max_seq_len + 1
+        start = self.window_starts[indices]
+        length = self.window_ends[indices] - start  # (B,) n, 1 <= n <= span
+        column = np.arange(span)[None, :]  # (1, span)
+        gather = np.minimum(start[:, None] + column, len(self.items) - 1)  # (B, span)
+        window = np.where(column < length[:, None], self.items[gather], 0).astype(np.int64)
+        # item_seq: w_1..w_{n-1}; position n-1 (the last item) is never an input.
+        item_seq = np.where(column[:, :-1] < (length - 1)[:, None], window[:, :-1], 0)
+        targets = window if self.use_user_token else window[:, 1:]
+        return {"user_ids": self.users[indices].copy(), "item_seq": item_seq, "targets": targets}
+
+
+def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    """The data order of one epoch: a function of (seed, epoch) only, so a resumed run
+    sees exactly the order the uninterrupted run saw."""
+    rng = np.random.default_rng([seed, epoch, 0x5EED])
+    return rng.permutation(num_examples)
