@@ -260,6 +260,9 @@ class CrossEntropyConfig:
     the item popularity, with log-Q correction (cheap for 349K items, slightly biased)."""
     chunk_size: int = 4096
     """Positions scored at once in ``full`` mode; bounds memory at chunk_size x num_items."""
+    chunk_memory_mb: float = 1024.0
+    """Memory budget (MiB) of one chunk's fp32 logits and their softmax in ``full`` mode:
+    chunk_size is lowered to fit, e.g. to ~380 positions at 349K items."""
     num_sampled: int = 1024
     """Shared negatives per batch in ``sampled`` mode."""
     logq_correction: bool = True
@@ -269,6 +272,9 @@ class CrossEntropyConfig:
 
     def __post_init__(self) -> None:
         _check(self.chunk_size >= 1, "stage_a.ce.chunk_size", self.chunk_size, "must be >= 1")
+        _check(
+            self.chunk_memory_mb > 0, "stage_a.ce.chunk_memory_mb", self.chunk_memory_mb, "must be > 0"
+        )
         _check(self.num_sampled >= 1, "stage_a.ce.num_sampled", self.num_sampled, "must be >= 1")
         _check(
             0.0 <= self.label_smoothing < 1.0,
