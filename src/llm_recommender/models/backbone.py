@@ -1,0 +1,531 @@
+"""Loading the LLM backbone: pretrained (hub name, local folder, GGUF file) or random, then
+frozen, fully fine-tuned or LoRA-tuned.
+
+The backbone is a decoder *without* its LM head (``AutoModel``): the recommender feeds it soft
+tokens through ``inputs_embeds`` and reads its hidden states. Its own token embedding is never
+used, so it is replaced by a frozen one-row table (a 49K x 576 matrix saved for nothing is
+28M parameters at SmolLM2 scale, and a parameter without gradient breaks DDP).
+
+Resolution of ``model.base_llm``:
+
+- an existing ``.gguf`` file, or a folder plus ``model.gguf_file``: transformers' GGUF loader
+  (weights dequantised to ``model.dtype``; needs the ``gguf`` package);
+- an existing folder: ``from_pretrained(folder)``;
+- anything else is a hub name, read from the Hugging Face cache (``local_files_only`` when
+  ``HF_HUB_OFFLINE`` is set); a miss is a one-line :class:`ModelLoadError` saying how to make it
+  available.
+
+``random_init_stage_a_llm: true`` needs no weights: the architecture comes from the folder's or
+cache's config when there is one, else from :data:`KNOWN_CONFIGS` (``gpt2`` works on a machine
+that never downloaded it). ``num_layers``, ``hidden_size``, ``num_heads``, ``intermediate_size``
+and ``dropout`` then reshape it, so a SASRec-sized backbone (2 layers, width 64) is a config.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import ConfigError, ModelLoadError, one_line
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+_GPT2_DROPOUT = {"resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1}
+
+
+def _gpt2(n_embd: int, n_layer: int, n_head: int) -> dict[str, Any]:
+    return {
+        "model_type": "gpt2",
+        "n_embd": n_embd,
+        "n_layer": n_layer,
+        "n_head": n_head,
+        "n_positions": 1024,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-5,
+        **_GPT2_DROPOUT,
+    }
+
+
+def _qwen2(hidden: int, inter: int, layers: int, heads: int, kv: int, max_pos: int) -> dict[str, Any]:
+    return {
+        "model_type": "qwen2",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "max_position_embeddings": max_pos,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"},
+    }
+
+
+def _llama(
+    hidden: int,
+    inter: int,
+    layers: int,
+    heads: int,
+    kv: int,
+    max_pos: int,
+    rope: dict[str, Any],
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "max_position_embeddings": max_pos,
+        "rms_norm_eps": 1e-5,
+        "rope_parameters": rope,
+        **extra,
+    }
+
+
+_LLAMA3_ROPE = {
+    "rope_theta": 500000.0,
+    "rope_type": "llama3",
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
+    # The shapes of well-known backbones, so that random_init_stage_a_llm works offline on a
+    # machine that never downloaded them. The vocabulary is irrelevant (soft tokens only).
+    "gpt2": _gpt2(768, 12, 12),
+    "distilgpt2": _gpt2(768, 6, 12),
+    "gpt2-medium": _gpt2(1024, 24, 16),
+    "gpt2-large": _gpt2(1280, 36, 20),
+    "gpt2-xl": _gpt2(1600, 48, 25),
+    "qwen2-0.5b": _qwen2(896, 4864, 24, 14, 2, 131072),
+    "qwen2-1.5b": _qwen2(1536, 8960, 28, 12, 2, 131072),
+    "qwen2.5-0.5b": _qwen2(896, 4864, 24, 14, 2, 32768),
+    "qwen2.5-1.5b": _qwen2(1536, 8960, 28, 12, 2, 32768),
+    "smollm2-135m": _llama(576, 1536, 30, 9, 3, 8192, {"rope_theta": 100000.0, "rope_type": "default"}),
+    "smollm2-360m": _llama(960, 2560, 32, 15, 5, 8192, {"rope_theta": 100000.0, "rope_type": "default"}),
+    "smollm-135m": _llama(576, 1536, 30, 9, 3, 2048, {"rope_theta": 10000.0, "rope_type": "default"}),
+    "llama-3.2-1b": _llama(2048, 8192, 16, 32, 8, 131072, _LLAMA3_ROPE, head_dim=64),
+    "tinyllama-1.1b-chat-v1.0": _llama(
+        2048, 5632, 22, 32, 4, 2048, {"rope_theta": 10000.0, "rope_type": "default"}
+    ),
+    "tinyllama_v1.1": _llama(2048, 5632, 22, 32, 4, 2048, {"rope_theta": 10000.0, "rope_type": "default"}),
+}
+
+
+def known_config_key(name: str) -> str | None:
+    """The :data:`KNOWN_CONFIGS` key for a hub name, or None.
+
+    ``openai-community/gpt2``, ``gpt2``, ``Qwen/Qwen2.5-0.5B-Instruct`` and
+    ``HuggingFaceTB/SmolLM2-135M-Instruct`` all resolve (instruction-tuned variants share the
+    shapes of their base model).
+    """
+    key = name.strip().rstrip("/").split("/")[-1].lower()
+    if key in KNOWN_CONFIGS:
+        return key
+    for suffix in ("-instruct", "-chat"):
+        if key.endswith(suffix) and key[: -len(suffix)] in KNOWN_CONFIGS:
+            return key[: -len(suffix)]
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Resolving base_llm
+# --------------------------------------------------------------------------------------------
+
+
+def _offline() -> bool:
+    # Read at call time: huggingface_hub reads HF_HUB_OFFLINE once at import.
+    return any(
+        os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
+        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def _resolve_source(model_config: ModelConfig) -> tuple[str, str, str | None]:
+    """Return (kind, location, gguf_file) with kind one of ``gguf``, ``folder``, ``hub``."""
+    name = model_config.base_llm
+    path = Path(name).expanduser()
+    if name.lower().endswith(".gguf"):
+        if model_config.gguf_file is not None:
+            raise ConfigError(
+                f"model.gguf_file={model_config.gguf_file!r} is set but model.base_llm={name!r} is "
+                "already a .gguf file: set one of them"
+            )
+        if not path.is_file():
+            raise ModelLoadError(f"model.base_llm={name!r}: GGUF file not found")
+        return "gguf", str(path.parent), path.name
+    if model_config.gguf_file is not None:
+        if not path.is_dir():
+            raise ModelLoadError(
+                f"model.base_llm={name!r}: folder not found (model.gguf_file={model_config.gguf_file!r} "
+                "needs base_llm to be the folder holding it)"
+            )
+        if not (path / model_config.gguf_file).is_file():
+            raise ModelLoadError(f"model.gguf_file={model_config.gguf_file!r}: not found in {path}")
+        return "gguf", str(path), model_config.gguf_file
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(p.name for p in path.glob("*.gguf"))
+            hint = (
+                f"; it holds {', '.join(ggufs)}: set model.gguf_file to one of them" if ggufs else ""
+            )
+            raise ModelLoadError(f"model.base_llm={name!r}: folder has no config.json{hint}")
+        return "folder", str(path), None
+    if name.startswith(("/", "./", "../", "~")) or path.is_file():
+        raise ModelLoadError(f"model.base_llm={name!r}: no such model folder")
+    return "hub", name, None
+
+
+def _hub_missing_message(name: str, exc: Exception) -> str:
+    return one_line(
+        f"model.base_llm={name!r} could not be loaded from the Hugging Face cache"
+        f"{' (HF_HUB_OFFLINE is set)' if _offline() else ''}: {exc.__class__.__name__}. "
+        f"Download it on a connected machine with `huggingface-cli download {name}` and copy the "
+        "cache (~/.cache/huggingface) or the model folder here (then give the folder as base_llm), "
+        "or set model.random_init_stage_a_llm: true to train it from scratch"
+    )
+
+
+def _require_gguf() -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelLoadError(
+            "model.base_llm is a GGUF file but the `gguf` package is not installed: "
+            "pip install 'llm_recommender[gguf]' (or pip install gguf)"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Architecture config
+# --------------------------------------------------------------------------------------------
+
+
+def _load_pretrained_config(model_config: ModelConfig, kind: str, location: str, gguf_file: str | None):
+    from transformers import AutoConfig
+
+    kwargs: dict[str, Any] = {"trust_remote_code": model_config.trust_remote_code}
+    if kind == "gguf":
+        _require_gguf()
+        kwargs["gguf_file"] = gguf_file
+    if kind == "hub":
+        kwargs["local_files_only"] = _offline()
+    try:
+        return AutoConfig.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as exc:
+        if kind == "hub":
+            raise ModelLoadError(_hub_missing_message(location, exc)) from None
+        raise ModelLoadError(
+            one_line(f"model.base_llm={model_config.base_llm!r}: cannot read its config ({exc})")
+        ) from None
+
+
+def _random_init_config(model_config: ModelConfig, kind: str, location: str, gguf_file: str | None):
+    """The architecture's config: from the folder/GGUF/cache when there, else the built-in table."""
+    from transformers import AutoConfig
+
+    if kind in ("folder", "gguf"):
+        return _load_pretrained_config(model_config, kind, location, gguf_file), kind
+    try:
+        # Never reach the network for a random init: the cache or the table.
+        config = AutoConfig.from_pretrained(
+            location, local_files_only=True, trust_remote_code=model_config.trust_remote_code
+        )
+        return config, "cache"
+    except (OSError, ValueError):
+        key = known_config_key(location)
+        if key is None:
+            raise ModelLoadError(
+                one_line(
+                    f"model.base_llm={location!r} with random_init_stage_a_llm: its config is not in the "
+                    "Hugging Face cache and it is not a built-in architecture (built in: "
+                    f"{', '.join(sorted(KNOWN_CONFIGS))}); give a folder holding its config.json"
+                )
+            ) from None
+        values = dict(KNOWN_CONFIGS[key])
+        model_type = values.pop("model_type")
+        return AutoConfig.for_model(model_type, **values), "builtin"
+
+
+def _num_layers(config) -> int:
+    return int(config.num_hidden_layers)
+
+
+def _set_num_layers(config, k: int) -> None:
+    # num_hidden_layers is an alias of GPT-2's n_layer (attribute_map), so this is generic.
+    config.num_hidden_layers = k
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, list) and len(layer_types) != k:
+        # Newer configs list the attention type of every layer (Qwen2 sliding windows, ...).
+        config.layer_types = (layer_types + [layer_types[-1]] * k)[:k]
+
+
+def _set_dropout(config, p: float) -> None:
+    for attr in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout"):
+        if hasattr(config, attr):
+            setattr(config, attr, p)
+
+
+def _apply_random_overrides(config, model_config: ModelConfig, max_tokens: int) -> None:
+    """Reshape a config for random init: layers, width, heads, MLP width, dropout."""
+    if model_config.num_layers is not None:
+        _set_num_layers(config, model_config.num_layers)
+    width_changed = model_config.hidden_size is not None
+    hidden = model_config.hidden_size or int(config.hidden_size)
+    heads = model_config.num_heads
+    if heads is None:
+        own = int(config.num_attention_heads)
+        heads = own if hidden % own == 0 and (not width_changed or hidden // own >= 16) else max(1, hidden // 64)
+    if hidden % heads != 0:
+        raise ConfigError(
+            f"model.num_heads={heads} must divide the width {hidden} (set model.num_heads explicitly)"
+        )
+    config.hidden_size = hidden
+    config.num_attention_heads = heads
+    kv = getattr(config, "num_key_value_heads", None)
+    if kv is not None and heads % int(kv) != 0:
+        config.num_key_value_heads = heads
+    if getattr(config, "head_dim", None) is not None:
+        config.head_dim = hidden // heads
+    if model_config.intermediate_size is not None or width_changed:
+        inter = model_config.intermediate_size or 4 * hidden
+        if config.model_type == "gpt2":
+            config.n_inner = inter
+        elif hasattr(config, "intermediate_size"):
+            config.intermediate_size = inter
+    if model_config.dropout is not None:
+        _set_dropout(config, model_config.dropout)
+    # Learned absolute positions (GPT-2) must cover [user, item_1..item_T].
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if max_pos is not None and max_pos < max_tokens:
+        config.max_position_embeddings = max_tokens
+    # The token table is replaced by one row anyway: a tiny vocabulary, valid special ids.
+    config.vocab_size = 1
+    for attr in ("bos_token_id", "eos_token_id"):
+        if hasattr(config, attr):
+            setattr(config, attr, 0)
+    if hasattr(config, "pad_token_id"):
+        config.pad_token_id = None
+
+
+def _check_pretrained_overrides(model_config: ModelConfig) -> None:
+    for key in ("hidden_size", "num_heads", "intermediate_size"):
+        if getattr(model_config, key) is not None:
+            raise ConfigError(
+                f"model.{key}={getattr(model_config, key)!r} applies to random_init_stage_a_llm: true only; "
+                "a pretrained backbone keeps its own shape (set it to null)"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _decoder_layers(backbone: nn.Module) -> nn.ModuleList | None:
+    for attr in ("h", "layers"):
+        layers = getattr(backbone, attr, None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    return None
+
+
+def _replace_token_embedding(backbone: nn.Module, hidden_size: int, dtype: torch.dtype) -> None:
+    """Swap the unused vocabulary table for a frozen single row (soft tokens only)."""
+    stub = nn.Embedding(1, hidden_size, dtype=dtype)
+    nn.init.zeros_(stub.weight)
+    stub.weight.requires_grad_(False)
+    backbone.set_input_embeddings(stub)
+    backbone.config.vocab_size = 1
+
+
+def load_backbone(model_config: ModelConfig) -> tuple[nn.Module, int, dict[str, Any]]:
+    """Build the decoder backbone (no LM head) described by ``model_config``.
+
+    Args:
+        model_config: ``config.model``. Reads base_llm, gguf_file, random_init_stage_a_llm,
+            num_layers, hidden_size, num_heads, intermediate_size, dropout, dtype,
+            attn_implementation, trust_remote_code and max_seq_len.
+
+    Returns:
+        ``(backbone, hidden_size, info)``: the ``AutoModel`` in eval mode (the caller's
+        ``.train()`` switches it) with its token embedding replaced by a frozen one-row table;
+        its width; and ``info`` with ``name``, ``family`` (the config's model_type), ``source``
+        (``pretrained``, ``gguf`` or ``random``), ``config_source``, ``num_layers``,
+        ``hidden_size``, ``num_heads``, ``num_parameters`` (without the token table), ``dtype``.
+
+    Raises:
+        ModelLoadError: weights or config not found / unreadable, ``gguf`` missing.
+        ConfigError: a shape override that does not apply, too many layers, too short a context.
+    """
+    from transformers import AutoModel
+
+    dtype = DTYPES[model_config.dtype]
+    max_tokens = model_config.max_seq_len + (1 if model_config.use_user_token else 0)
+    kind, location, gguf_file = _resolve_source(model_config)
+    common: dict[str, Any] = {"dtype": dtype, "trust_remote_code": model_config.trust_remote_code}
+    if model_config.attn_implementation is not None:
+        common["attn_implementation"] = model_config.attn_implementation
+
+    if model_config.random_init_stage_a_llm:
+        config, config_source = _random_init_config(model_config, kind, location, gguf_file)
+        config = copy.deepcopy(config)
+        _apply_random_overrides(config, model_config, max_tokens)
+        try:
+            backbone = AutoModel.from_config(config, **common)
+        except (ValueError, KeyError) as exc:
+            raise ModelLoadError(
+                one_line(f"model.base_llm={model_config.base_llm!r}: cannot build a random model ({exc})")
+            ) from None
+        source = "random"
+    else:
+        _check_pretrained_overrides(model_config)
+        config = copy.deepcopy(_load_pretrained_config(model_config, kind, location, gguf_file))
+        config_source = kind
+        total_layers = _num_layers(config)
+        if model_config.num_layers is not None:
+            if model_config.num_layers > total_layers:
+                raise ConfigError(
+                    f"model.num_layers={model_config.num_layers} exceeds the {total_layers} layers of "
+                    f"{model_config.base_llm!r}"
+                )
+            # Building only k layers skips the memory of the rest; their weights are ignored.
+            _set_num_layers(config, model_config.num_layers)
+        if model_config.dropout is not None:
+            _set_dropout(config, model_config.dropout)
+        max_pos = getattr(config, "max_position_embeddings", None)
+        if config.model_type == "gpt2" and max_pos is not None and max_pos < max_tokens:
+            raise ConfigError(
+                f"model.max_seq_len={model_config.max_seq_len} needs {max_tokens} positions but "
+                f"{model_config.base_llm!r} has {max_pos}"
+            )
+        kwargs = dict(common, config=config, output_loading_info=True)
+        if kind == "gguf":
+            _require_gguf()
+            kwargs["gguf_file"] = gguf_file
+        if kind == "hub":
+            kwargs["local_files_only"] = _offline()
+        try:
+            backbone, loading_info = AutoModel.from_pretrained(location, **kwargs)
+        except (OSError, ValueError) as exc:
+            if kind == "hub":
+                raise ModelLoadError(_hub_missing_message(location, exc)) from None
+            raise ModelLoadError(
+                one_line(f"model.base_llm={model_config.base_llm!r}: cannot load the weights ({exc})")
+            ) from None
+        embedding_names = {n for n, p in backbone.named_parameters() if p is backbone.get_input_embeddings().weight}
+        missing = [k for k in loading_info.get("missing_keys", []) if k not in embedding_names]
+        if missing:
+            # A silently random layer would look like a trained model: refuse it.
+            raise ModelLoadError(
+                one_line(
+                    f"model.base_llm={model_config.base_llm!r}: {len(missing)} weights missing from the "
+                    f"checkpoint (e.g. {', '.join(sorted(missing)[:3])}); is it a decoder of this family?"
+                )
+            )
+        source = "gguf" if kind == "gguf" else "pretrained"
+        layers = _decoder_layers(backbone)
+        if model_config.num_layers is not None and layers is not None and len(layers) > model_config.num_layers:
+            # Families whose config does not drive the layer count: cut after loading.
+            del layers[model_config.num_layers :]
+
+    hidden_size = int(backbone.config.hidden_size)
+    _replace_token_embedding(backbone, hidden_size, dtype)
+    backbone.eval()
+    layers = _decoder_layers(backbone)
+    info = {
+        "name": model_config.base_llm,
+        "family": backbone.config.model_type,
+        "source": source,
+        "config_source": config_source,
+        "num_layers": len(layers) if layers is not None else _num_layers(backbone.config),
+        "hidden_size": hidden_size,
+        "num_heads": int(backbone.config.num_attention_heads),
+        "num_parameters": sum(p.numel() for p in backbone.parameters()) - backbone.get_input_embeddings().weight.numel(),
+        "dtype": model_config.dtype,
+    }
+    return backbone, hidden_size, info
+
+
+# --------------------------------------------------------------------------------------------
+# Fine-tuning modes
+# --------------------------------------------------------------------------------------------
+
+
+def default_lora_targets(backbone: nn.Module) -> tuple[list[str], bool]:
+    """Attention projections to adapt, and whether they are GPT-2 style Conv1D (fan_in_fan_out)."""
+    from transformers.pytorch_utils import Conv1D
+
+    names = {name.rsplit(".", 1)[-1]: module for name, module in backbone.named_modules()}
+    if "q_proj" in names and "v_proj" in names:  # Llama, Qwen2, Mistral, SmolLM, ...
+        targets = [t for t in ("q_proj", "k_proj", "v_proj", "o_proj") if t in names]
+        return targets, False
+    if "c_attn" in names:  # GPT-2: fused q/k/v projection
+        return ["c_attn"], isinstance(names["c_attn"], Conv1D)
+    raise ConfigError(
+        f"model.lora.target_modules=null: no known attention projections in {type(backbone).__name__}; "
+        "list the module names to adapt in model.lora.target_modules"
+    )
+
+
+def apply_finetune_mode(backbone: nn.Module, model_config: ModelConfig) -> nn.Module:
+    """Set which backbone weights train: ``frozen``, ``full`` or ``lora`` (``model.finetune_mode``).
+
+    Args:
+        backbone: the module returned by :func:`load_backbone`.
+        model_config: ``config.model`` (``finetune``/``freeze_llm_stage_a`` and ``lora.*``).
+
+    Returns:
+        The backbone (the same module for frozen/full; a ``peft.PeftModel`` wrapping it for lora).
+        The token-embedding stub never trains.
+    """
+    mode = model_config.finetune_mode
+    if mode == "frozen":
+        backbone.requires_grad_(False)
+        return backbone
+    if mode == "full":
+        backbone.requires_grad_(True)
+        backbone.get_input_embeddings().requires_grad_(False)
+        return backbone
+    try:
+        from peft import LoraConfig, get_peft_model  # ~10 s to import: only when asked for
+    except ImportError:
+        raise ModelLoadError(
+            "model.finetune=lora needs the `peft` package: pip install 'llm_recommender[lora]'"
+        ) from None
+    from transformers.pytorch_utils import Conv1D
+
+    lora = model_config.lora
+    if lora.target_modules:
+        targets = list(lora.target_modules)
+        present = {name.rsplit(".", 1)[-1] for name, _ in backbone.named_modules()}
+        unknown = [t for t in targets if t not in present]
+        if unknown:
+            raise ConfigError(
+                f"model.lora.target_modules: {unknown} not found in {type(backbone).__name__} "
+                f"(e.g. {', '.join(sorted(n for n in present if n)[:8])})"
+            )
+        fan_in_fan_out = any(
+            isinstance(m, Conv1D) for n, m in backbone.named_modules() if n.rsplit(".", 1)[-1] in targets
+        )
+    else:
+        targets, fan_in_fan_out = default_lora_targets(backbone)
+    backbone.requires_grad_(False)
+    peft_config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        fan_in_fan_out=fan_in_fan_out,
+        bias="none",
+    )
+    return get_peft_model(backbone, peft_config)
