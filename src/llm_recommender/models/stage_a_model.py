@@ -1,0 +1,589 @@
+"""The Stage A model: soft user/item tokens through a decoder LLM, tied scores over all items.
+
+Read top to bottom (nanoGPT style). Shapes: B sequences, T input items, S = T + 1 output
+positions with the user token (T without), d_model the backbone width, d the ID-table width
+(``model.embedding_dim``), I items, N the positions that carry a target in a batch.
+
+    [user, item_1 .. item_T]                       ids
+      -> E_user / E_item  -> user_proj / item_proj   (B, S, d_model) soft tokens
+      -> LLM(inputs_embeds, attention_mask)          (B, S, d_model) hidden states
+      -> out_proj                                    (B, S, d)       states
+      -> states @ E_item.T                           (B, S, I+1)     scores (tied table)
+
+Losses (each weighted by ``stage_a.loss_weights``, logged separately):
+
+- ``cross_entropy``: next item at every non-padding position. ``stage_a.ce.mode: full`` is the
+  exact softmax over all I items, computed in chunks of positions with a hand-written backward
+  that recomputes each chunk's logits, so neither the forward nor the backward ever holds more
+  than one chunk x I logits (``ce.chunk_size``, lowered to fit ``ce.chunk_memory_mb``).
+  ``sampled`` scores the positive against ``ce.num_sampled`` negatives shared by the batch,
+  drawn from a proposal q (uniform, or popularity after :meth:`StageAModel.set_item_sampling_distribution`),
+  with log-Q correction and accidental hits masked. Trade-off: full is exact and costs
+  O(N x I x d) per step (seconds at 349K items on a CPU; see the module's measurement in
+  the project notes), sampled costs O(N x K x d), is biased for small K even with log-Q (the
+  correction makes the expected logits right, not the loss), and is the only mode that keeps
+  the item table's gradient sparse.
+- ``context_bpr``: the state at each target position vs. the positive and
+  ``stage_a.collaborative.negative_samples`` uniform negatives (never the positive).
+- ``user_bpr``: the user's table row (d, not projected) vs. the same positive and negatives.
+- ``l2``: ``(sum of ||E_user[u]||^2 over the distinct users of the batch + sum of ||E_item[i]||^2
+  over the distinct items it touches: inputs, targets, BPR and sampled-CE negatives) / B``;
+  the total adds ``embeddings.lambda_c * l2``. Rows outside the batch are not regularised,
+  which keeps the term cheap and compatible with sparse gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Config
+from ..errors import CheckpointError, ConfigError
+from .backbone import apply_finetune_mode, load_backbone
+from .embeddings import IDEmbeddings
+
+LOSS_KEYS = ("loss", "cross_entropy", "context_bpr", "user_bpr", "l2")
+
+
+# --------------------------------------------------------------------------------------------
+# Loss functions (pure: tensors in, tensors out)
+# --------------------------------------------------------------------------------------------
+
+
+class _ChunkedSoftmaxCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``states @ weight.T`` (column 0 excluded) without the full logits.
+
+    Forward keeps only the log-sum-exp of each position; backward recomputes one chunk of logits
+    at a time: ``dL/dlogits = softmax - (1 - eps) onehot - eps / I``, then
+    ``dstates = dlogits @ weight`` and ``dweight += dlogits.T @ states``.
+    """
+
+    @staticmethod
+    def forward(ctx, states, weight, targets, chunk_size, label_smoothing):
+        num_positions = states.shape[0]
+        num_classes = weight.shape[0] - 1  # real items 1..I
+        lse = states.new_empty(num_positions)  # (N,)
+        target_logit = states.new_empty(num_positions)  # (N,)
+        mean_logit = states.new_zeros(num_positions)  # (N,)
+        for start in range(0, num_positions, chunk_size):
+            end = min(start + chunk_size, num_positions)
+            logits = states[start:end] @ weight.T  # (c, I+1)
+            logits[:, 0] = float("-inf")  # padding is never a prediction
+            lse[start:end] = torch.logsumexp(logits, dim=1)
+            target_logit[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1)
+            if label_smoothing > 0:
+                mean_logit[start:end] = logits[:, 1:].mean(dim=1)
+            del logits
+        nll = lse - target_logit  # (N,)
+        per_position = (1 - label_smoothing) * nll + label_smoothing * (lse - mean_logit)
+        ctx.save_for_backward(states, weight, targets, lse)
+        ctx.chunk_size = chunk_size
+        ctx.label_smoothing = label_smoothing
+        ctx.num_classes = num_classes
+        return per_position.mean()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        states, weight, targets, lse = ctx.saved_tensors
+        need_states, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        eps = ctx.label_smoothing
+        scale = grad_output / states.shape[0]
+        grad_states = torch.zeros_like(states) if need_states else None
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+        for start in range(0, states.shape[0], ctx.chunk_size):
+            end = min(start + ctx.chunk_size, states.shape[0])
+            chunk = states[start:end]  # (c, d)
+            grad_logits = chunk @ weight.T  # (c, I+1)
+            grad_logits[:, 0] = float("-inf")
+            grad_logits.sub_(lse[start:end, None]).exp_()  # softmax, in place
+            grad_logits.scatter_add_(
+                1, targets[start:end, None], grad_logits.new_full((end - start, 1), -(1 - eps))
+            )
+            if eps > 0:
+                grad_logits[:, 1:] -= eps / ctx.num_classes
+            grad_logits.mul_(scale)
+            if need_states:
+                grad_states[start:end] = grad_logits @ weight  # (c, d)
+            if need_weight:
+                grad_weight.addmm_(grad_logits.T, chunk)  # (I+1, d)
+            del grad_logits
+        return grad_states, grad_weight, None, None, None
+
+
+def chunk_positions(num_items: int, chunk_size: int, chunk_memory_mb: float) -> int:
+    """Positions per chunk: ``chunk_size``, lowered so that one chunk's logits and their
+    temporary (two fp32 ``c x (I+1)`` buffers) fit in ``chunk_memory_mb``."""
+    fit = int(chunk_memory_mb * 2**20 // (2 * 4 * (num_items + 1)))
+    return max(1, min(chunk_size, fit))
+
+
+def chunked_cross_entropy(
+    states: torch.Tensor,
+    item_weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Exact mean softmax cross-entropy over items ``1..I``, chunked over positions.
+
+    Args:
+        states: ``(N, d)`` query states (cast to fp32).
+        item_weight: ``(I+1, d)`` item table; row 0 (padding) is never a class.
+        targets: ``(N,)`` item ids in ``1..I``.
+        chunk_size: positions whose logits exist at once (forward and backward).
+        label_smoothing: smoothing mass spread uniformly over the I real items.
+
+    Returns:
+        Scalar mean over the N positions; gradients flow to ``states`` and ``item_weight``
+        and equal those of the unchunked ``F.cross_entropy`` up to float rounding.
+    """
+    if states.shape[0] == 0:
+        return states.sum() * 0.0 + item_weight.sum() * 0.0
+    device_type = states.device.type
+    with torch.autocast(device_type=device_type, enabled=False):
+        return _ChunkedSoftmaxCrossEntropy.apply(
+            states.float(), item_weight.float(), targets, int(chunk_size), float(label_smoothing)
+        )
+
+
+def sampled_softmax_cross_entropy(
+    states: torch.Tensor,
+    positive_embeddings: torch.Tensor,
+    negative_embeddings: torch.Tensor,
+    targets: torch.Tensor,
+    negatives: torch.Tensor,
+    log_q_targets: torch.Tensor | None = None,
+    log_q_negatives: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Softmax over the positive and K negatives shared by all positions (log-Q corrected).
+
+    Args:
+        states: ``(N, d)`` query states.
+        positive_embeddings: ``(N, d)`` rows of the targets.
+        negative_embeddings: ``(K, d)`` rows of the shared negatives.
+        targets: ``(N,)`` target ids; negatives equal to a position's target are masked out.
+        negatives: ``(K,)`` negative ids.
+        log_q_targets: ``(N,)`` log proposal probability of each target, or None (no correction).
+        log_q_negatives: ``(K,)`` log proposal probability of each negative, or None.
+
+    Returns:
+        Scalar mean over positions. With every item as a negative and a uniform q it equals the
+        full cross-entropy (the constant correction cancels and the accidental hit is masked).
+    """
+    positive_logits = (states * positive_embeddings).sum(-1)  # (N,)
+    negative_logits = states @ negative_embeddings.T  # (N, K)
+    if log_q_targets is not None and log_q_negatives is not None:
+        positive_logits = positive_logits - log_q_targets
+        negative_logits = negative_logits - log_q_negatives[None, :]
+    accidental_hits = negatives[None, :] == targets[:, None]  # (N, K)
+    negative_logits = negative_logits.masked_fill(accidental_hits, float("-inf"))
+    logits = torch.cat([positive_logits[:, None], negative_logits], dim=1)  # (N, 1+K)
+    labels = torch.zeros(states.shape[0], dtype=torch.long, device=states.device)
+    return F.cross_entropy(logits.float(), labels)
+
+
+def sample_negatives(
+    positives: torch.Tensor, num_items: int, num_negatives: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Uniform negatives over ``1..I`` that never equal their positive (no rejection loop).
+
+    Draws r uniform in ``1..I-1`` and maps ``r >= positive`` to ``r + 1``: exactly uniform over
+    the I - 1 items other than the positive.
+
+    Args:
+        positives: ``(N,)`` item ids in ``1..I``.
+        num_items: I (at least 2).
+        num_negatives: K per positive.
+        generator: optional torch generator (default: torch's global RNG).
+
+    Returns:
+        ``(N, K)`` int64 negatives.
+    """
+    if num_items < 2:
+        raise ConfigError(
+            f"BPR needs at least 2 items to draw a negative, the catalogue has {num_items}: "
+            "set stage_a.collaborative.use_bpr_loss: false"
+        )
+    draws = torch.randint(
+        1, num_items, (positives.shape[0], num_negatives), device=positives.device, generator=generator
+    )  # (N, K) in 1..I-1
+    return draws + (draws >= positives[:, None]).long()
+
+
+def bpr_loss(query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    """Mean ``-log sigmoid(s_pos - s_neg)`` over positions and negatives.
+
+    Args:
+        query: ``(N, d)``; positive: ``(N, d)``; negatives: ``(N, K, d)``.
+    """
+    positive_scores = (query * positive).sum(-1)  # (N,)
+    negative_scores = torch.einsum("nd,nkd->nk", query, negatives)  # (N, K)
+    return F.softplus(negative_scores - positive_scores[:, None]).mean()  # = -logsigmoid(pos - neg)
+
+
+def keep_recent(item_seq: torch.Tensor, max_len: int) -> torch.Tensor:
+    """The most recent ``max_len`` items of each row, right-padded (input padding left or right)."""
+    if item_seq.shape[1] <= max_len:
+        return item_seq
+    mask = item_seq != 0  # (B, T)
+    rank_from_end = mask.flip(1).long().cumsum(1).flip(1)  # (B, T) 1 at the last item
+    keep = mask & (rank_from_end <= max_len)
+    order = torch.argsort((~keep).long(), dim=1, stable=True)[:, :max_len]  # kept items first
+    kept = item_seq.gather(1, order)  # (B, max_len)
+    return kept.masked_fill(~keep.gather(1, order), 0)
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+
+
+class StageAModel(nn.Module):
+    """ID tables + projections + decoder backbone + ``out_proj``, scored against the item table.
+
+    Args:
+        config: the whole :class:`Config` (reads ``model``, ``embeddings``, ``stage_a``).
+        num_users: known users U (ids 1..U; 0 is the learned unknown user).
+        num_items: items I (ids 1..I; 0 is padding).
+        backbone: an already built backbone (its width must match); None builds it with
+            :func:`load_backbone` and :func:`apply_finetune_mode`.
+    """
+
+    def __init__(self, config: Config, num_users: int, num_items: int, backbone: nn.Module | None = None):
+        super().__init__()
+        model_config = config.model
+        self.config = config
+        self.num_users = num_users
+        self.num_items = num_items
+        self.use_user_token = model_config.use_user_token
+        self.max_seq_len = model_config.max_seq_len
+        ce = config.stage_a.ce
+        weights = config.stage_a.loss_weights
+        if config.embeddings.sparse and ce.mode == "full" and weights.cross_entropy > 0:
+            raise ConfigError(
+                "embeddings.sparse=true with stage_a.ce.mode=full: the full softmax gives every item "
+                "row a gradient, so the item table's gradient is dense; use stage_a.ce.mode: sampled "
+                "(or embeddings.sparse: false)"
+            )
+        if backbone is None:
+            backbone, d_model, info = load_backbone(model_config)
+            backbone = apply_finetune_mode(backbone, model_config)
+        else:
+            d_model = int(backbone.config.hidden_size)
+            info = {"name": "given", "family": backbone.config.model_type, "source": "given"}
+        self.backbone = backbone
+        self.backbone_info = info
+        self.finetune_mode = model_config.finetune_mode
+        self.d_model = d_model
+        self.embedding_dim = model_config.embedding_dim
+        self.embeddings = IDEmbeddings(
+            num_users,
+            num_items,
+            model_config.embedding_dim,
+            d_model,
+            init_std=config.embeddings.init_std,
+            sparse=config.embeddings.sparse,
+        )
+        self.embedding_dropout = nn.Dropout(model_config.embedding_dropout)
+        self.out_proj = nn.Linear(d_model, model_config.embedding_dim)
+        # Log of the sampled-softmax proposal over items (index 0 never drawn); uniform until
+        # set_item_sampling_distribution. Not persistent: the trainer derives it from the data.
+        uniform = torch.full((num_items + 1,), -math.log(num_items))
+        uniform[0] = float("-inf")
+        self.register_buffer("sampling_log_q", uniform, persistent=False)
+        self.sampling_is_uniform = True
+        self.train()
+
+    # ---- data flow -------------------------------------------------------------------------
+
+    def _backbone_dtype(self) -> torch.dtype:
+        return next(self.backbone.parameters()).dtype
+
+    def forward(self, user_ids: torch.Tensor, item_seq: torch.Tensor) -> torch.Tensor:
+        """States at every position: ``(B,)``, ``(B, T)`` -> ``(B, S, d)``.
+
+        The attention mask is ``item_seq != 0`` (the user token always visible); position ids
+        count visible tokens, so left and right padding give the same states.
+        """
+        item_mask = item_seq != 0  # (B, T)
+        tokens = self.embeddings.item_tokens(item_seq)  # (B, T, d_model)
+        if self.use_user_token:
+            user_token = self.embeddings.user_tokens(user_ids)[:, None, :]  # (B, 1, d_model)
+            tokens = torch.cat([user_token, tokens], dim=1)  # (B, T+1, d_model)
+            visible = torch.ones_like(item_mask[:, :1])  # (B, 1)
+            mask = torch.cat([visible, item_mask], dim=1)  # (B, T+1)
+        else:
+            mask = item_mask  # (B, T)
+        tokens = self.embedding_dropout(tokens)
+        position_ids = (mask.long().cumsum(dim=1) - 1).clamp_min(0)  # (B, S)
+        output = self.backbone(
+            inputs_embeds=tokens.to(self._backbone_dtype()),
+            attention_mask=mask.long(),
+            position_ids=position_ids,
+            use_cache=False,
+        )
+        hidden = output.last_hidden_state  # (B, S, d_model)
+        return self.out_proj(hidden.to(self.out_proj.weight.dtype))  # (B, S, d)
+
+    def _output_mask(self, item_seq: torch.Tensor) -> torch.Tensor:
+        item_mask = item_seq != 0  # (B, T)
+        if not self.use_user_token:
+            return item_mask
+        return torch.cat([torch.ones_like(item_mask[:, :1]), item_mask], dim=1)  # (B, T+1)
+
+    def user_state(self, user_ids: torch.Tensor, item_seq: torch.Tensor) -> torch.Tensor:
+        """State at the last visible position (left or right padding): ``(B, d)``.
+
+        Histories longer than ``model.max_seq_len`` keep their most recent items.
+        """
+        item_seq = keep_recent(item_seq, self.max_seq_len)  # (B, T<=max_seq_len)
+        states = self(user_ids, item_seq)  # (B, S, d)
+        mask = self._output_mask(item_seq)  # (B, S)
+        positions = torch.arange(mask.shape[1], device=mask.device)  # (S,)
+        last = (mask.long() * positions).argmax(dim=1)  # (B,) last visible position
+        return states[torch.arange(states.shape[0], device=states.device), last]  # (B, d)
+
+    @torch.no_grad()
+    def full_sort_predict(self, user_ids: torch.Tensor, item_seq: torch.Tensor) -> torch.Tensor:
+        """Scores of every item: ``(B, I+1)`` float32; column 0 (padding) is ``-inf``."""
+        state = self.user_state(user_ids, item_seq)  # (B, d)
+        scores = state.float() @ self.embeddings.item_embeddings.weight.float().T  # (B, I+1)
+        scores[:, 0] = float("-inf")
+        return scores
+
+    @torch.no_grad()
+    def predict_candidates(
+        self, user_ids: torch.Tensor, item_seq: torch.Tensor, candidates: torch.Tensor
+    ) -> torch.Tensor:
+        """Scores of given candidates: ``(B, C)`` ids -> ``(B, C)``; padding candidates ``-inf``."""
+        state = self.user_state(user_ids, item_seq)  # (B, d)
+        rows = self.embeddings.item_embeddings.weight[candidates]  # (B, C, d)
+        scores = torch.einsum("bd,bcd->bc", state.float(), rows.float())  # (B, C)
+        return scores.masked_fill(candidates == 0, float("-inf"))
+
+    # ---- training --------------------------------------------------------------------------
+
+    def set_item_sampling_distribution(self, counts: torch.Tensor) -> None:
+        """Use item popularity as the proposal of sampled softmax.
+
+        Args:
+            counts: ``(I+1,)`` (index 0 ignored) or ``(I,)`` interaction counts. Counts below 1
+                are raised to 1 so that every item can be drawn and its log q is finite.
+        """
+        counts = torch.as_tensor(counts, dtype=torch.float64)
+        if counts.shape == (self.num_items,):
+            counts = torch.cat([counts.new_zeros(1), counts])
+        if counts.shape != (self.num_items + 1,):
+            raise ValueError(
+                f"counts must have shape ({self.num_items + 1},) or ({self.num_items},), got {tuple(counts.shape)}"
+            )
+        weights = counts.clamp_min(1.0)
+        weights[0] = 0.0
+        log_q = (weights / weights.sum()).log().to(torch.float32)
+        self.sampling_log_q = log_q.to(self.sampling_log_q.device)
+        self.sampling_is_uniform = False
+
+    def _draw_shared_negatives(self, num_sampled: int) -> torch.Tensor:
+        device = self.sampling_log_q.device
+        if self.sampling_is_uniform:
+            return torch.randint(1, self.num_items + 1, (num_sampled,), device=device)  # (K,)
+        return torch.multinomial(self.sampling_log_q.exp(), num_sampled, replacement=True)  # (K,)
+
+    def calculate_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Weighted loss of a training batch and its unweighted terms.
+
+        Args:
+            batch: ``user_ids (B,)``, ``item_seq (B, T)`` right-padded with 0, ``targets (B, S)``
+                aligned with the output positions (0 = no loss there).
+
+        Returns:
+            ``loss`` (weighted total, differentiable) and the detached unweighted terms
+            ``cross_entropy``, ``context_bpr``, ``user_bpr``, ``l2`` (0 when switched off).
+        """
+        user_ids, item_seq, targets = batch["user_ids"], batch["item_seq"], batch["targets"]
+        batch_size, seq_len = item_seq.shape
+        expected = (batch_size, seq_len + (1 if self.use_user_token else 0))
+        if tuple(targets.shape) != expected:
+            raise ValueError(f"targets must have shape {expected} (B, S), got {tuple(targets.shape)}")
+        if seq_len > self.max_seq_len:
+            raise ValueError(f"item_seq has {seq_len} positions, more than model.max_seq_len={self.max_seq_len}")
+        stage_a = self.config.stage_a
+        weights = stage_a.loss_weights
+        ce_config = stage_a.ce
+        unknown_user_prob = self.config.model.unknown_user_prob
+        if self.training and unknown_user_prob > 0:
+            drop = torch.rand(user_ids.shape, device=user_ids.device) < unknown_user_prob  # (B,)
+            user_ids = user_ids.masked_fill(drop, 0)
+
+        states = self(user_ids, item_seq)  # (B, S, d)
+        valid = targets != 0  # (B, S)
+        query = states[valid].float()  # (N, d)
+        positives = targets[valid]  # (N,)
+        position_users = user_ids[:, None].expand_as(targets)[valid]  # (N,)
+        item_table = self.embeddings.item_embeddings
+        zero = query.sum() * 0.0  # keeps the graph when a term is off or the batch is empty
+        touched_items = [item_seq.reshape(-1), positives]
+
+        cross_entropy = zero
+        if weights.cross_entropy > 0 and positives.numel() > 0:
+            if ce_config.mode == "full":
+                chunk = chunk_positions(self.num_items, ce_config.chunk_size, ce_config.chunk_memory_mb)
+                cross_entropy = chunked_cross_entropy(
+                    query, item_table.weight, positives, chunk, ce_config.label_smoothing
+                )
+            else:
+                negatives = self._draw_shared_negatives(ce_config.num_sampled)  # (K,)
+                touched_items.append(negatives)
+                log_q_pos = log_q_neg = None
+                if ce_config.logq_correction:
+                    log_q_pos = self.sampling_log_q[positives]  # (N,)
+                    log_q_neg = self.sampling_log_q[negatives]  # (K,)
+                cross_entropy = sampled_softmax_cross_entropy(
+                    query,
+                    item_table(positives).float(),  # (N, d)
+                    item_table(negatives).float(),  # (K, d)
+                    positives,
+                    negatives,
+                    log_q_pos,
+                    log_q_neg,
+                )
+
+        context_bpr = user_bpr = zero
+        use_context = stage_a.collaborative.use_bpr_loss and weights.context_bpr > 0
+        use_user = stage_a.collaborative.use_bpr_loss and weights.user_bpr > 0
+        if (use_context or use_user) and positives.numel() > 0:
+            negatives = sample_negatives(
+                positives, self.num_items, stage_a.collaborative.negative_samples
+            )  # (N, K)
+            touched_items.append(negatives.reshape(-1))
+            positive_rows = item_table(positives).float()  # (N, d)
+            negative_rows = item_table(negatives).float()  # (N, K, d)
+            if use_context:
+                context_bpr = bpr_loss(query, positive_rows, negative_rows)
+            if use_user:
+                user_rows = self.embeddings.user_embeddings(position_users).float()  # (N, d)
+                user_bpr = bpr_loss(user_rows, positive_rows, negative_rows)
+
+        lambda_c = self.config.embeddings.lambda_c
+        with torch.set_grad_enabled(torch.is_grad_enabled() and lambda_c > 0):
+            items = torch.unique(torch.cat(touched_items))
+            items = items[items != 0]  # padding row is fixed at zero
+            users = torch.unique(user_ids)
+            l2 = (
+                self.embeddings.user_embeddings(users).float().pow(2).sum()
+                + item_table(items).float().pow(2).sum()
+            ) / batch_size
+
+        loss = (
+            weights.cross_entropy * cross_entropy
+            + weights.context_bpr * context_bpr
+            + weights.user_bpr * user_bpr
+            + lambda_c * l2
+        )
+        return {
+            "loss": loss,
+            "cross_entropy": cross_entropy.detach(),
+            "context_bpr": context_bpr.detach(),
+            "user_bpr": user_bpr.detach(),
+            "l2": l2.detach(),
+        }
+
+    # ---- checkpoints -----------------------------------------------------------------------
+
+    def _token_embedding_keys(self) -> set[str]:
+        stub = self.backbone.get_input_embeddings().weight
+        return {f"backbone.{name}" for name, p in self.backbone.named_parameters() if p is stub} | {
+            f"backbone.{name}" for name, p in self.backbone.state_dict(keep_vars=True).items() if p is stub
+        }
+
+    def _stored_backbone_key(self, key: str) -> bool:
+        if self.finetune_mode == "full" or self.backbone_info.get("source") in ("random", "given"):
+            # Changed weights, or random weights that nothing else can re-create.
+            return True
+        if self.finetune_mode == "lora":
+            return "lora_" in key
+        return False  # frozen pretrained: reloaded from base_llm
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint must store, detached and contiguous (safetensors-ready).
+
+        Always: the ID tables, their projections and ``out_proj``. Backbone: every weight in
+        ``full`` mode, the adapter weights in ``lora`` mode, none when frozen; but a random-init
+        backbone is stored whole in every mode, since no file can re-create it. The unused
+        token-embedding stub is never stored.
+        """
+        skip = self._token_embedding_keys()
+        state = {}
+        for key, tensor in self.state_dict().items():
+            if key in skip:
+                continue
+            if key.startswith("backbone.") and not self._stored_backbone_key(key):
+                continue
+            state[key] = tensor.detach().contiguous()
+        return state
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load what :meth:`trainable_state_dict` stored; strict about keys and shapes.
+
+        Raises:
+            CheckpointError: missing or unexpected keys, or a shape that differs (e.g. a
+                different catalogue or backbone).
+        """
+        expected = self.trainable_state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+            if unexpected:
+                parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+            raise CheckpointError(
+                "checkpoint weights do not match the model built from its config: " + "; ".join(parts)
+            )
+        for key, tensor in state.items():
+            if tuple(tensor.shape) != tuple(expected[key].shape):
+                raise CheckpointError(
+                    f"checkpoint weight {key} has shape {tuple(tensor.shape)}, the model expects "
+                    f"{tuple(expected[key].shape)} (different catalogue, users or backbone?)"
+                )
+        result = self.load_state_dict(state, strict=False)
+        not_loaded = set(result.unexpected_keys)
+        if not_loaded:  # pragma: no cover - guarded above
+            raise CheckpointError(f"checkpoint weights not loaded: {sorted(not_loaded)[:3]}")
+
+
+def build_model(config: Config, num_users: int, num_items: int) -> StageAModel:
+    """Build a :class:`StageAModel` (backbone loaded and set to its fine-tuning mode).
+
+    Args:
+        config: the whole configuration.
+        num_users: known users U.
+        num_items: items I.
+    """
+    return StageAModel(config, num_users, num_items)
+
+
+def count_parameters(model: StageAModel) -> dict[str, int]:
+    """``total``, ``trainable`` and ``backbone_trainable`` parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    backbone_trainable = sum(p.numel() for p in model.backbone.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable, "backbone_trainable": backbone_trainable}
+
+
+__all__: list[Any] = [
+    "StageAModel",
+    "build_model",
+    "count_parameters",
+    "chunked_cross_entropy",
+    "sampled_softmax_cross_entropy",
+    "sample_negatives",
+    "bpr_loss",
+    "keep_recent",
+    "chunk_positions",
+]

@@ -1,0 +1,182 @@
+"""Loss functions of the Stage A model, against hand-computed or unchunked references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llm_recommender.config import load_config
+from llm_recommender.errors import ConfigError
+from llm_recommender.models.stage_a_model import (
+    StageAModel,
+    bpr_loss,
+    chunk_positions,
+    chunked_cross_entropy,
+    sample_negatives,
+    sampled_softmax_cross_entropy,
+)
+
+
+def _reference_ce(states, weight, targets, label_smoothing=0.0):
+    logits = states @ weight.T  # (N, I+1)
+    # Padding column 0 is not a class: smooth over items 1..I only.
+    return F.cross_entropy(logits[:, 1:], targets - 1, label_smoothing=label_smoothing)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 1000])
+def test_chunked_cross_entropy_equals_unchunked_with_gradients(chunk_size, label_smoothing):
+    generator = torch.Generator().manual_seed(0)
+    num_positions, dim, num_items = 13, 8, 50
+    states = torch.randn(num_positions, dim, generator=generator, dtype=torch.float64).float()
+    weight = torch.randn(num_items + 1, dim, generator=generator)
+    targets = torch.randint(1, num_items + 1, (num_positions,), generator=generator)
+
+    s1, w1 = states.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = chunked_cross_entropy(s1, w1, targets, chunk_size, label_smoothing)
+    loss.backward()
+    s2, w2 = states.clone().requires_grad_(), weight.clone().requires_grad_()
+    reference = _reference_ce(s2, w2, targets, label_smoothing)
+    reference.backward()
+
+    assert abs(loss.item() - reference.item()) < 1e-6
+    assert torch.allclose(s1.grad, s2.grad, atol=1e-6, rtol=0)
+    assert torch.allclose(w1.grad, w2.grad, atol=1e-6, rtol=0)
+    assert torch.all(w1.grad[0] == 0), "the padding row gets no gradient"
+
+
+def test_chunk_positions_fit_the_memory_budget():
+    # 349K items, 1 GiB: two fp32 (c x 349,001) buffers fit in 1 GiB at c = 384.
+    assert chunk_positions(349_000, 4096, 1024.0) == 384
+    assert chunk_positions(100, 4096, 1024.0) == 4096  # small catalogue: chunk_size rules
+    assert chunk_positions(10**9, 4096, 1.0) == 1  # never zero
+
+
+def test_sampled_softmax_with_every_item_and_uniform_q_equals_full_cross_entropy():
+    generator = torch.Generator().manual_seed(1)
+    num_positions, dim, num_items = 9, 6, 12
+    states = torch.randn(num_positions, dim, generator=generator)
+    weight = torch.randn(num_items + 1, dim, generator=generator)
+    targets = torch.randint(1, num_items + 1, (num_positions,), generator=generator)
+    negatives = torch.arange(1, num_items + 1)  # every item, the positive among them
+    log_q = torch.full((num_items + 1,), -math.log(num_items))
+
+    s1, w1 = states.clone().requires_grad_(), weight.clone().requires_grad_()
+    sampled = sampled_softmax_cross_entropy(
+        s1, w1[targets], w1[negatives], targets, negatives, log_q[targets], log_q[negatives]
+    )
+    sampled.backward()
+    s2, w2 = states.clone().requires_grad_(), weight.clone().requires_grad_()
+    full = _reference_ce(s2, w2, targets)
+    full.backward()
+    assert abs(sampled.item() - full.item()) < 1e-6
+    assert torch.allclose(s1.grad, s2.grad, atol=1e-6)
+    assert torch.allclose(w1.grad, w2.grad, atol=1e-6)
+
+
+def test_sampled_softmax_log_q_correction_and_accidental_hits_by_hand():
+    states = torch.tensor([[1.0, 0.0]])
+    items = torch.tensor([[0.0, 0.0], [2.0, 0.0], [1.0, 0.0], [0.5, 0.0]])  # rows 0..3
+    targets = torch.tensor([1])
+    negatives = torch.tensor([1, 2, 3])  # item 1 is the positive: masked
+    log_q = torch.log(torch.tensor([0.0, 0.5, 0.25, 0.25]))
+    loss = sampled_softmax_cross_entropy(
+        states, items[targets], items[negatives], targets, negatives, log_q[targets], log_q[negatives]
+    )
+    pos = 2.0 - math.log(0.5)
+    negs = [1.0 - math.log(0.25), 0.5 - math.log(0.25)]
+    expected = -pos + math.log(math.exp(pos) + sum(math.exp(n) for n in negs))
+    assert abs(loss.item() - expected) < 1e-6
+    # Without correction: plain logits.
+    plain = sampled_softmax_cross_entropy(states, items[targets], items[negatives], targets, negatives)
+    expected_plain = -2.0 + math.log(math.exp(2.0) + math.exp(1.0) + math.exp(0.5))
+    assert abs(plain.item() - expected_plain) < 1e-6
+
+
+def test_negative_never_equals_positive_on_a_three_item_catalogue():
+    torch.manual_seed(0)
+    positives = torch.tensor([1, 2, 3] * 200)
+    negatives = sample_negatives(positives, num_items=3, num_negatives=8)  # (600, 8)
+    assert negatives.shape == (600, 8)
+    assert not torch.any(negatives == positives[:, None])
+    assert negatives.min() >= 1 and negatives.max() <= 3
+    # Uniform over the two other items: each about half of 1600 draws.
+    for item in (1, 2, 3):
+        others = negatives[positives == item]
+        for other in {1, 2, 3} - {item}:
+            share = (others == other).float().mean().item()
+            assert 0.44 < share < 0.56
+
+
+def test_negative_sampling_needs_two_items():
+    with pytest.raises(ConfigError, match="use_bpr_loss"):
+        sample_negatives(torch.tensor([1]), num_items=1, num_negatives=2)
+
+
+def test_bpr_loss_by_hand():
+    query = torch.tensor([[1.0, 0.0]])
+    positive = torch.tensor([[2.0, 0.0]])
+    negatives = torch.tensor([[[1.0, 0.0], [3.0, 0.0]]])
+    expected = (-math.log(1 / (1 + math.exp(-1.0))) - math.log(1 / (1 + math.exp(1.0)))) / 2
+    assert abs(bpr_loss(query, positive, negatives).item() - expected) < 1e-6
+
+
+def _tiny_model(overrides):
+    config = load_config(
+        None,
+        [
+            "model.random_init_stage_a_llm=true",
+            "model.base_llm=gpt2",
+            "model.num_layers=1",
+            "model.hidden_size=16",
+            "model.num_heads=2",
+            "model.embedding_dim=8",
+            "model.max_seq_len=4",
+            *overrides,
+        ],
+    )
+    torch.manual_seed(0)
+    return StageAModel(config, num_users=3, num_items=4)
+
+
+def test_popularity_proposal_draws_by_counts():
+    model = _tiny_model(["stage_a.ce.mode=sampled"])
+    model.set_item_sampling_distribution(torch.tensor([0, 97, 1, 1, 0]))  # item 4: raised to 1
+    assert torch.allclose(model.sampling_log_q[1:].exp(), torch.tensor([0.97, 0.01, 0.01, 0.01]))
+    torch.manual_seed(0)
+    draws = model._draw_shared_negatives(20000)
+    assert draws.min() >= 1
+    assert 0.96 < (draws == 1).float().mean().item() < 0.98
+
+
+def test_sparse_tables_need_sampled_cross_entropy():
+    with pytest.raises(ConfigError, match="stage_a.ce.mode: sampled"):
+        _tiny_model(["embeddings.sparse=true"])
+    model = _tiny_model(["embeddings.sparse=true", "stage_a.ce.mode=sampled", "stage_a.ce.num_sampled=3"])
+    batch = {
+        "user_ids": torch.tensor([1, 2]),
+        "item_seq": torch.tensor([[1, 2, 0, 0], [3, 4, 1, 0]]),
+        "targets": torch.tensor([[1, 2, 3, 0, 0], [3, 4, 1, 2, 0]]),
+    }
+    model.calculate_loss(batch)["loss"].backward()
+    assert model.embeddings.item_embeddings.weight.grad.is_sparse
+    assert model.embeddings.user_embeddings.weight.grad.is_sparse
+
+
+def test_l2_term_is_the_squared_rows_in_the_batch_over_batch_size():
+    model = _tiny_model(["stage_a.collaborative.use_bpr_loss=false", "embeddings.lambda_c=0.5"])
+    batch = {
+        "user_ids": torch.tensor([1, 1]),
+        "item_seq": torch.tensor([[1, 2, 0, 0], [2, 0, 0, 0]]),
+        "targets": torch.tensor([[1, 2, 3, 0, 0], [2, 3, 0, 0, 0]]),
+    }
+    out = model.calculate_loss(batch)
+    users = model.embeddings.user_embeddings.weight
+    items = model.embeddings.item_embeddings.weight
+    expected = (users[1].pow(2).sum() + items[1:4].pow(2).sum()).item() / 2  # distinct rows / B
+    assert abs(out["l2"].item() - expected) < 1e-6
+    assert abs(out["loss"].item() - (out["cross_entropy"].item() + 0.5 * expected)) < 1e-5
+    assert out["context_bpr"].item() == 0.0 and out["user_bpr"].item() == 0.0
