@@ -1,0 +1,597 @@
+"""Top-K recommendation from a checkpoint: one user, a cold history, or every user.
+
+A :class:`Recommender` is loaded once (model in eval mode, the processed data for users'
+histories, the id maps) and answers in index space; the ``*_ids`` helpers map original ids
+at the edges (CLI, HTTP service, files).
+
+How a user is scored:
+
+- **known user** ``u``: the model reads ``[u, last max_seq_len items of u's whole sequence]``
+  (train, validation and test events: serving uses everything known) and its last-position
+  state ``s = model.user_state(...)`` (B, d_rec) scores every item as ``s · E_item[i]``
+  (the tied item table, the same scores as ``full_sort_predict``).
+- **cold user** (a history of original item ids, no user id): the same with user index 0, the
+  learned unknown-user row. That row is trained only when ``model.unknown_user_prob > 0``
+  (training then replaces a fraction of users with it); otherwise it is its random
+  initialisation and the history alone carries the signal.
+- excluded by default: padding (item 0) and every item already in the history
+  (``exclude_seen=False`` keeps them).
+
+Scores are computed in chunks of users so that at most ``score_budget`` floats of a
+``(users, num_items)`` matrix exist at once (Kindle scale: 100K users never hold 100K x 349K
+scores); :meth:`Recommender.recommend_all` streams each chunk to the output file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError, DataError, LLMRecError
+from ..io_utils import sha256_file
+
+#: Floats of the (users, items) score matrix held at once (128 MB of float32).
+DEFAULT_SCORE_BUDGET = 1 << 25
+
+#: Overrides the serving commands accept: the model itself is fixed by the checkpoint.
+SERVING_OVERRIDE_SECTIONS = ("serving.", "runtime.")
+
+
+class UnknownIdError(LLMRecError):
+    """A user or item id that the model does not know (HTTP 404 in the service)."""
+
+
+def check_serving_overrides(overrides: Sequence[str] | None) -> list[str]:
+    """Only ``serving.*`` and ``runtime.*`` may be overridden when loading a trained model.
+
+    Raises:
+        LLMRecError: naming the first override that would change the model itself.
+    """
+    overrides = list(overrides or [])
+    for text in overrides:
+        if not text.strip().startswith(SERVING_OVERRIDE_SECTIONS):
+            raise LLMRecError(
+                f"--set {text!r}: only serving.* and runtime.* keys can be changed on a trained "
+                "checkpoint (the model and data settings are fixed by it)"
+            )
+    return overrides
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` → ``cuda`` when available, else ``cpu``; other names pass through."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+class Recommender:
+    """A trained model with its data, answering top-K queries in index space.
+
+    Args:
+        model: a ``StageAModel`` (or anything with ``user_state``, ``embeddings.item_embeddings``,
+            ``config.model.max_seq_len``, ``num_users``, ``num_items``); put in eval mode here.
+        data: the processed dataset the model was trained on (``ProcessedData``).
+        user_ids: original user ids (``user_ids[u - 1]`` is user ``u``); default: the data's.
+        item_ids: original item ids, the same way; default: the data's.
+        checkpoint: where the model came from (reported by ``/health`` and exports).
+        score_budget: most floats of the score matrix held at once.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        data,
+        user_ids: list[str] | None = None,
+        item_ids: list[str] | None = None,
+        checkpoint: str | Path | None = None,
+        score_budget: int = DEFAULT_SCORE_BUDGET,
+    ) -> None:
+        self.model = model.eval()
+        self.data = data
+        self.checkpoint = str(checkpoint) if checkpoint is not None else None
+        self.num_users = int(model.num_users)
+        self.num_items = int(model.num_items)
+        if data.num_users != self.num_users or data.num_items != self.num_items:
+            raise DataError(
+                f"{data.path}: {data.num_users} users / {data.num_items} items, the model has "
+                f"{self.num_users} / {self.num_items} (a different processed folder?)"
+            )
+        self.max_seq_len = int(model.config.model.max_seq_len)
+        self.score_budget = int(score_budget)
+        self.user_ids = list(user_ids) if user_ids is not None else data.user_ids
+        self.item_ids = list(item_ids) if item_ids is not None else data.item_ids
+        self.user_index = {uid: i + 1 for i, uid in enumerate(self.user_ids)}
+        self.item_index = {iid: i + 1 for i, iid in enumerate(self.item_ids)}
+        # Vectorised index -> id lookup for whole result matrices (slot 0: padding).
+        self._item_id_array = np.array([""] + self.item_ids, dtype=object)
+        self.offsets = np.asarray(data.offsets).astype(np.int64)
+        self.items = np.asarray(data.items)
+        weight = model.embeddings.item_embeddings.weight.detach()
+        self.device = weight.device
+        self.item_table = weight.float().contiguous()  # (I+1, d): row 0 padding
+        norms = self.item_table.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self.item_table_normed = self.item_table / norms  # (I+1, d) for cosine similarity
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint_dir: str | Path,
+        data_dir: str | Path | None = None,
+        device: str = "cpu",
+        overrides: Sequence[str] | None = None,
+    ) -> "Recommender":
+        """Load a checkpoint folder and the processed data it was trained on.
+
+        Args:
+            checkpoint_dir: a ``best_model/`` (or ``last/``) folder.
+            data_dir: processed data folder; default: the one recorded in the checkpoint.
+            device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+            overrides: ``serving.*`` / ``runtime.*`` ``--set`` strings applied to the saved config.
+
+        Returns:
+            the recommender; its ``config`` attribute is the checkpoint's resolved config.
+        """
+        from ..checkpoint import load_checkpoint
+        from ..data.dataset import ProcessedData
+
+        checkpoint_dir = Path(checkpoint_dir)
+        overrides = check_serving_overrides(overrides)
+        model, config, info = load_checkpoint(checkpoint_dir, resolve_device(device), overrides)
+        if data_dir is None:
+            recorded = info.get("data_dir")
+            if not recorded or not Path(recorded).is_dir():
+                raise DataError(
+                    f"{checkpoint_dir}: the processed data it was trained on ({recorded}) is "
+                    "missing; pass --data_dir with the processed folder (users' histories live there)"
+                )
+            data_dir = recorded
+        data = ProcessedData(data_dir)
+        for name in ("user_ids.txt", "item_ids.txt"):
+            copy = checkpoint_dir / name
+            if copy.is_file() and sha256_file(copy) != sha256_file(Path(data_dir) / name):
+                raise DataError(
+                    f"{Path(data_dir) / name}: differs from the checkpoint's copy {copy} (the model was "
+                    "trained on another processed folder; pass the right --data_dir)"
+                )
+        recommender = cls(model, data, checkpoint=checkpoint_dir)
+        recommender.config = config
+        return recommender
+
+    # ------------------------------------------------------------------ id maps
+
+    def user_to_index(self, user_id: str | int) -> int:
+        """Original user id → index; raises :class:`UnknownIdError`."""
+        index = self.user_index.get(str(user_id))
+        if index is None:
+            raise UnknownIdError(f"unknown user_id {_short(str(user_id))!r}")
+        return index
+
+    def item_to_index(self, item_id: str | int) -> int:
+        """Original item id → index; raises :class:`UnknownIdError`."""
+        index = self.item_index.get(str(item_id))
+        if index is None:
+            raise UnknownIdError(f"unknown item_id {_short(str(item_id))!r}")
+        return index
+
+    def history_to_indices(
+        self, item_ids: Sequence[str | int], unknown: str = "ignore"
+    ) -> tuple[np.ndarray, list[str]]:
+        """Map a history of original item ids.
+
+        Args:
+            item_ids: the history, oldest first.
+            unknown: ``ignore`` (drop unknown ids and return them) or ``error``.
+
+        Returns:
+            (indices int64 array of the known items in order, the ignored ids in order)
+
+        Raises:
+            UnknownIdError: an unknown id with ``unknown="error"``.
+        """
+        indices, ignored = [], []
+        for item_id in item_ids:
+            index = self.item_index.get(str(item_id))
+            if index is None:
+                if unknown == "error":
+                    raise UnknownIdError(f"unknown item_id {_short(str(item_id))!r} in history")
+                ignored.append(str(item_id))
+            else:
+                indices.append(index)
+        return np.asarray(indices, dtype=np.int64), ignored
+
+    def items_to_ids(self, items: np.ndarray, scores: np.ndarray) -> list[dict]:
+        """One result row → ``[{"item_id": ..., "score": ...}]``, dropping padding slots."""
+        return [
+            {"item_id": self._item_id_array[item], "score": float(score)}
+            for item, score in zip(items.tolist(), scores.tolist())
+            if item != 0
+        ]
+
+    def history_of(self, user: int) -> np.ndarray:
+        """A known user's whole sequence of item indices (all splits, time order)."""
+        return self.items[self.offsets[user] : self.offsets[user + 1]].astype(np.int64)
+
+    # ------------------------------------------------------------------ scoring
+
+    def users_per_chunk(self) -> int:
+        """Users whose full score rows fit in ``score_budget`` floats."""
+        return max(1, self.score_budget // (self.num_items + 1))
+
+    def score_histories(
+        self,
+        users: np.ndarray,
+        flat_items: np.ndarray,
+        lengths: np.ndarray,
+        k: int,
+        exclude_seen: bool | np.ndarray = True,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-K of users given their histories, in one forward pass (the caller chunks).
+
+        Args:
+            users: (B,) user indices (0: the unknown user of a cold history).
+            flat_items: the histories concatenated (item indices, each oldest first).
+            lengths: (B,) length of each history in ``flat_items`` (each >= 1).
+            k: results per user (more than the catalogue is clamped).
+            exclude_seen: a bool for all rows or a (B,) bool array.
+
+        Returns:
+            (items (B, k) int64, scores (B, k) float32), best first. A row with fewer than k
+            candidates (a history covering almost the catalogue) ends with item 0 / -inf.
+        """
+        users = np.asarray(users, dtype=np.int64)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        flat_items = np.asarray(flat_items, dtype=np.int64)
+        batch = len(users)
+        k = min(int(k), self.num_items)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)  # (B,)
+        # Model input: the last max_seq_len items, right-padded with 0.
+        taken = np.minimum(lengths, self.max_seq_len)  # (B,)
+        width = max(1, int(taken.max(initial=0)))
+        column = np.arange(width)[None, :]  # (1, T)
+        source = starts[:, None] + (lengths - taken)[:, None] + column  # (B, T)
+        valid = column < taken[:, None]
+        item_seq = np.where(valid, flat_items[np.minimum(source, max(len(flat_items) - 1, 0))], 0)
+        exclude = np.broadcast_to(np.asarray(exclude_seen, dtype=bool), (batch,))
+        rows = np.repeat(np.arange(batch), lengths)  # (N,) owner row of each history item
+        keep = exclude[rows]
+        with torch.inference_mode():
+            user_tensor = torch.from_numpy(users).to(self.device)
+            seq_tensor = torch.from_numpy(item_seq).to(self.device)
+            states = self.model.user_state(user_tensor, seq_tensor).float()  # (B, d)
+            scores = states @ self.item_table.T  # (B, I+1)
+            scores[:, 0] = float("-inf")
+            if keep.any():
+                scores[
+                    torch.from_numpy(rows[keep]).to(self.device),
+                    torch.from_numpy(flat_items[keep]).to(self.device),
+                ] = float("-inf")
+            top_scores, top_items = torch.topk(scores, k, dim=1)  # (B, k)
+        top_items = top_items.cpu().numpy().astype(np.int64)
+        top_scores = top_scores.cpu().numpy().astype(np.float32)
+        top_items[~np.isfinite(top_scores)] = 0
+        return top_items, top_scores
+
+    def _user_histories(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(flat items, lengths) of known users' whole sequences, vectorised."""
+        starts = self.offsets[users]
+        lengths = self.offsets[users + 1] - starts
+        rows = np.repeat(np.arange(len(users)), lengths)
+        within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        return self.items[starts[rows] + within].astype(np.int64), lengths
+
+    def recommend_users(
+        self, user_indices: np.ndarray, k: int, exclude_seen: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-K for known users (indices 1..U), chunked to ``score_budget``.
+
+        Returns:
+            (items (B, k) int64, scores (B, k) float32), best first.
+        """
+        user_indices = np.asarray(user_indices, dtype=np.int64)
+        if len(user_indices) and (user_indices.min() < 1 or user_indices.max() > self.num_users):
+            raise UnknownIdError(f"user indices must be in 1..{self.num_users}")
+        k = min(int(k), self.num_items)
+        out_items = np.zeros((len(user_indices), k), dtype=np.int64)
+        out_scores = np.zeros((len(user_indices), k), dtype=np.float32)
+        step = self.users_per_chunk()
+        for start in range(0, len(user_indices), step):
+            chunk = user_indices[start : start + step]
+            flat, lengths = self._user_histories(chunk)
+            items, scores = self.score_histories(chunk, flat, lengths, k, exclude_seen)
+            out_items[start : start + len(chunk)] = items
+            out_scores[start : start + len(chunk)] = scores
+        return out_items, out_scores
+
+    def recommend_history(
+        self, item_indices: np.ndarray, k: int, exclude_seen: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-K for a cold user: a history of item indices, scored with user index 0.
+
+        Returns:
+            (items (k,) int64, scores (k,) float32), best first.
+        """
+        item_indices = np.asarray(item_indices, dtype=np.int64)
+        if len(item_indices) == 0:
+            raise DataError("a history needs at least one known item")
+        if item_indices.min() < 1 or item_indices.max() > self.num_items:
+            raise UnknownIdError(f"item indices must be in 1..{self.num_items}")
+        items, scores = self.score_histories(
+            np.zeros(1, np.int64), item_indices, np.array([len(item_indices)]), k, exclude_seen
+        )
+        return items[0], scores[0]
+
+    def similar_items_batch(self, item_indices: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest items by cosine similarity of item embeddings (each excluding itself).
+
+        Returns:
+            (items (B, k) int64, cosine (B, k) float32), most similar first.
+        """
+        item_indices = np.asarray(item_indices, dtype=np.int64)
+        k = min(int(k), self.num_items - 1)
+        if k < 1:
+            return np.zeros((len(item_indices), 0), np.int64), np.zeros((len(item_indices), 0), np.float32)
+        with torch.inference_mode():
+            query = torch.from_numpy(item_indices).to(self.device)
+            cosine = self.item_table_normed[query] @ self.item_table_normed.T  # (B, I+1)
+            cosine[:, 0] = float("-inf")
+            cosine[torch.arange(len(item_indices), device=self.device), query] = float("-inf")
+            top_scores, top_items = torch.topk(cosine, k, dim=1)
+        return top_items.cpu().numpy().astype(np.int64), top_scores.cpu().numpy().astype(np.float32)
+
+    def similar_items(self, item_index: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`similar_items_batch` for one item: (items (k,), cosine (k,))."""
+        items, scores = self.similar_items_batch(np.array([item_index]), k)
+        return items[0], scores[0]
+
+    def user_states(self, user_indices: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        """The query vectors of known users: ``model.user_state`` on their whole histories.
+
+        ``user_states(u) @ E_item.T`` are exactly the scores :meth:`recommend_users` ranks.
+
+        Returns:
+            (B, d_rec) float32.
+        """
+        user_indices = np.asarray(user_indices, dtype=np.int64)
+        out = []
+        for start in range(0, len(user_indices), batch_size):
+            chunk = user_indices[start : start + batch_size]
+            flat, lengths = self._user_histories(chunk)
+            taken = np.minimum(lengths, self.max_seq_len)
+            width = max(1, int(taken.max(initial=0)))
+            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+            column = np.arange(width)[None, :]
+            source = starts[:, None] + (lengths - taken)[:, None] + column
+            item_seq = np.where(column < taken[:, None], flat[np.minimum(source, len(flat) - 1)], 0)
+            with torch.inference_mode():
+                states = self.model.user_state(
+                    torch.from_numpy(chunk).to(self.device), torch.from_numpy(item_seq).to(self.device)
+                )
+            out.append(states.float().cpu().numpy())
+        if not out:
+            return np.zeros((0, self.item_table.shape[1]), np.float32)
+        return np.concatenate(out).astype(np.float32)
+
+    # ------------------------------------------------------------------ all users
+
+    def iter_all(
+        self, k: int, batch_size: int = 512, exclude_seen: bool = True
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Every known user's top-K, one chunk at a time: (users, items, scores)."""
+        step = max(1, min(int(batch_size), self.users_per_chunk()))
+        for start in range(1, self.num_users + 1, step):
+            users = np.arange(start, min(start + step, self.num_users + 1), dtype=np.int64)
+            flat, lengths = self._user_histories(users)
+            items, scores = self.score_histories(users, flat, lengths, k, exclude_seen)
+            yield users, items, scores
+
+    def recommend_all(
+        self,
+        output: str | Path,
+        k: int = 10,
+        batch_size: int = 512,
+        exclude_seen: bool = True,
+        progress: bool = False,
+    ) -> dict:
+        """Write every known user's top-K to ``output`` (.parquet or .jsonl), streaming.
+
+        Formats:
+
+        - ``.parquet``: one row per (user, rank): ``user_id`` string, ``rank`` int32 (1 = best),
+          ``item_id`` string, ``score`` float32; one row group per chunk of users. Users in
+          index order, ranks ascending.
+        - ``.jsonl``: one line per user: ``{"user_id": ..., "items": [{"item_id": ..., "score": ...}]}``.
+
+        The file is written under a temporary name in the same folder and renamed at the end.
+
+        Args:
+            output: destination file.
+            k: results per user.
+            batch_size: users per forward pass (capped by ``score_budget``).
+            exclude_seen: drop items the user already interacted with.
+            progress: print a line per 10% of users to stderr.
+
+        Returns:
+            ``{"users": ..., "rows": ..., "seconds": ...}``
+        """
+        output = Path(output)
+        suffix = output.suffix.lower()
+        if suffix not in (".parquet", ".jsonl"):
+            raise LLMRecError(f"{output}: --output must end in .parquet or .jsonl")
+        if k < 1:
+            raise LLMRecError(f"--k {k}: must be >= 1")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        began = time.perf_counter()
+        rows = 0
+        next_report = 0.1
+        with _atomic_file(output) as tmp:
+            writer = _ParquetSink(tmp) if suffix == ".parquet" else _JsonlSink(tmp)
+            try:
+                for users, items, scores in self.iter_all(k, batch_size, exclude_seen):
+                    rows += writer.write(self, users, items, scores)
+                    done = int(users[-1]) / max(1, self.num_users)
+                    if progress and done >= next_report:
+                        print(f"recommend --all-users: {int(users[-1])}/{self.num_users} users", file=sys.stderr)
+                        next_report += 0.1
+            finally:
+                writer.close()
+        return {"users": self.num_users, "rows": rows, "seconds": time.perf_counter() - began}
+
+
+class _ParquetSink:
+    def __init__(self, path: Path) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.pa = pa
+        self.schema = pa.schema(
+            [("user_id", pa.string()), ("rank", pa.int32()), ("item_id", pa.string()), ("score", pa.float32())]
+        )
+        self.writer = pq.ParquetWriter(str(path), self.schema)
+
+    def write(self, recommender: Recommender, users, items, scores) -> int:
+        pa = self.pa
+        keep = items != 0  # (B, k): padding slots of short candidate lists are dropped
+        counts = keep.sum(axis=1)
+        user_ids = np.array(recommender.user_ids, dtype=object)[users - 1]
+        ranks = np.broadcast_to(np.arange(1, items.shape[1] + 1, dtype=np.int32), items.shape)[keep]
+        table = pa.table(
+            {
+                "user_id": pa.array(np.repeat(user_ids, counts), type=pa.string()),
+                "rank": pa.array(ranks, type=pa.int32()),
+                "item_id": pa.array(recommender._item_id_array[items[keep]], type=pa.string()),
+                "score": pa.array(scores[keep], type=pa.float32()),
+            },
+            schema=self.schema,
+        )
+        self.writer.write_table(table)
+        return int(keep.sum())
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _JsonlSink:
+    def __init__(self, path: Path) -> None:
+        self.handle = open(path, "w", encoding="utf-8")
+
+    def write(self, recommender: Recommender, users, items, scores) -> int:
+        lines = []
+        for user, row_items, row_scores in zip(users.tolist(), items, scores):
+            result = recommender.items_to_ids(row_items, row_scores)
+            lines.append(json.dumps({"user_id": recommender.user_ids[user - 1], "items": result}))
+        self.handle.write("\n".join(lines) + "\n")
+        return len(lines)
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+@contextlib.contextmanager
+def _atomic_file(path: Path) -> Iterator[Path]:
+    """A temporary file next to ``path``, renamed onto it when the block succeeds."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _short(text: str, limit: int = 100) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------------------------- CLI
+
+
+def load_settings(checkpoint_dir: str | Path, config_path: str | None, overrides: Sequence[str] | None):
+    """The ``serving`` and ``runtime`` settings of a serving command.
+
+    From ``--config`` when given, else from the checkpoint's saved config; ``--set serving.*`` /
+    ``runtime.*`` applied on top. Read before the model is loaded (``runtime.device``).
+
+    Returns:
+        (ServingConfig, RuntimeConfig)
+    """
+    from ..config import apply_overrides, config_from_dict, load_config, load_saved_config
+    from ..errors import ConfigError
+
+    overrides = check_serving_overrides(overrides)
+    if config_path is not None:
+        config = load_config(config_path, overrides)
+    else:
+        saved = Path(checkpoint_dir) / "config.yaml"
+        if not saved.is_file():
+            raise CheckpointError(f"{checkpoint_dir}: not a checkpoint folder (no config.yaml)")
+        try:
+            config = config_from_dict(apply_overrides(load_saved_config(saved).to_dict(), overrides), "--set")
+        except ConfigError as exc:
+            raise CheckpointError(f"{saved}: {exc}") from None
+    return config.serving, config.runtime
+
+
+def run_recommend_command(args: argparse.Namespace) -> None:
+    """``llmrec recommend``: print JSON for ``--user``/``--history``, write a file for ``--all-users``.
+
+    Args:
+        args: parsed ``recommend`` arguments (checkpoint, data_dir, user | history | all_users,
+            k, keep_seen, output, batch_size, config, overrides).
+    """
+    if args.k < 1:
+        raise LLMRecError(f"--k {args.k}: must be >= 1")
+    if args.all_users and not args.output:
+        raise LLMRecError("--all-users needs --output FILE.parquet or FILE.jsonl")
+    if args.output and not args.all_users:
+        raise LLMRecError("--output is for --all-users (single users print JSON to stdout)")
+    if args.output and Path(args.output).suffix.lower() not in (".parquet", ".jsonl"):
+        raise LLMRecError(f"{args.output}: --output must end in .parquet or .jsonl")
+    if args.batch_size < 1:
+        raise LLMRecError(f"--batch-size {args.batch_size}: must be >= 1")
+    serving, runtime = load_settings(args.checkpoint, args.config, args.overrides)
+    if runtime.num_threads:
+        torch.set_num_threads(runtime.num_threads)
+    recommender = Recommender.from_checkpoint(
+        Path(args.checkpoint), Path(args.data_dir) if args.data_dir else None, runtime.device, args.overrides
+    )
+    exclude_seen = not args.keep_seen
+    if args.all_users:
+        summary = recommender.recommend_all(args.output, args.k, args.batch_size, exclude_seen, progress=True)
+        print(
+            f"wrote top-{args.k} of {summary['users']} users ({summary['rows']} rows) to {args.output} "
+            f"in {summary['seconds']:.1f} s"
+        )
+        return
+    if args.user is not None:
+        user = recommender.user_to_index(args.user)
+        items, scores = recommender.recommend_users(np.array([user]), args.k, exclude_seen)
+        result = {"user_id": args.user, "items": recommender.items_to_ids(items[0], scores[0])}
+    else:
+        history = [part.strip() for part in args.history.split(",") if part.strip()]
+        if not history:
+            raise LLMRecError("--history: give comma-separated item ids, e.g. --history B001,B002")
+        indices, ignored = recommender.history_to_indices(history, serving.unknown_items)
+        if len(indices) == 0:
+            raise UnknownIdError(f"--history: none of the {len(history)} item ids is known to the model")
+        items, scores = recommender.recommend_history(indices, args.k, exclude_seen)
+        result = {"history": history, "items": recommender.items_to_ids(items, scores)}
+        if ignored:
+            result["ignored_items"] = ignored
+            print(f"note: ignored {len(ignored)} unknown item id(s): {', '.join(ignored[:5])}", file=sys.stderr)
+    print(json.dumps(result, indent=2))
