@@ -1,0 +1,183 @@
+"""Baselines that implement the scorer interface, evaluated by the same ``evaluate``.
+
+* ``popularity``: an item's count over training events. ``popularity_with_valid`` also counts
+  validation events, which is what is known when the test split is evaluated (the test input
+  includes the validation item); it is refused for the validation split (it would count the
+  targets).
+* ``random``: a seeded hash of (user, item): the floor (sampled HR@10 ≈ 10/101).
+* ``markov``: first-order transitions. The score of item j after a history ending in item i is
+  the number of times j directly followed i in the training sequences, plus popularity / (max
+  popularity + 1) so that popularity only breaks ties and ranks items never seen after i.
+  Sparse (one CSR row per item), cheap, and strong on data with sequential structure.
+  ``markov_with_valid`` also counts transitions into validation events (test split only).
+
+Every ``full_sort_predict`` returns a new tensor (the evaluator masks it in place).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data.dataset import ProcessedData
+from ..errors import ConfigError
+
+
+def _last_items(item_seq: torch.Tensor) -> torch.Tensor:
+    """Most recent item of each row, for right or left padding (0 for an empty row)."""
+    positions = torch.arange(item_seq.shape[1], device=item_seq.device)  # (T,)
+    last = ((item_seq != 0) * (positions + 1)).argmax(dim=1)  # (B,): last non-padding column
+    return item_seq.gather(1, last.view(-1, 1)).view(-1)
+
+
+class PopularityBaseline:
+    """Scores every item by its interaction count.
+
+    Args:
+        data: the processed dataset.
+        include_valid: count validation events too (for the test split only).
+    """
+
+    def __init__(self, data: ProcessedData, include_valid: bool = False) -> None:
+        self.include_valid = include_valid
+        self.item_scores = torch.as_tensor(
+            data.item_popularity(include_valid=include_valid), dtype=torch.float64
+        ).float()  # (I+1,)
+
+    def full_sort_predict(self, user_ids: torch.Tensor, item_seq: torch.Tensor) -> torch.Tensor:
+        scores = self.item_scores.to(user_ids.device)
+        return scores.unsqueeze(0).repeat(len(user_ids), 1)  # (B, I+1)
+
+    def predict_candidates(
+        self, user_ids: torch.Tensor, item_seq: torch.Tensor, candidates: torch.Tensor
+    ) -> torch.Tensor:
+        return self.item_scores.to(candidates.device)[candidates]  # (B, C)
+
+
+class RandomBaseline:
+    """Seeded random scores: a hash of (user, item, seed), identical in both protocols and
+    independent of batching.
+
+    Args:
+        seed: the hash seed.
+        num_items: catalogue size, needed by ``full_sort_predict``.
+    """
+
+    def __init__(self, seed: int = 0, num_items: int | None = None) -> None:
+        self.seed = int(seed)
+        self.num_items = num_items
+
+    def _scores(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        mask = 0xFFFFFFFF
+        x = (users * 0x9E3779B1 + items * 0x85EBCA77 + self.seed * 0xC2B2AE3D) & mask
+        # murmur3-style finaliser: well-mixed 32 bits from nearby inputs.
+        x = x ^ (x >> 16)
+        x = (x * 0x7FEB352D) & mask
+        x = x ^ (x >> 15)
+        x = (x * 0x846CA68B) & mask
+        x = x ^ (x >> 16)
+        return (x >> 8).float() / float(1 << 24)  # 24 bits: exact in float32
+
+    def full_sort_predict(self, user_ids: torch.Tensor, item_seq: torch.Tensor) -> torch.Tensor:
+        if self.num_items is None:
+            raise ValueError("RandomBaseline needs num_items for full ranking")
+        items = torch.arange(self.num_items + 1, device=user_ids.device).view(1, -1)  # (1, I+1)
+        return self._scores(user_ids.view(-1, 1).long(), items)  # (B, I+1)
+
+    def predict_candidates(
+        self, user_ids: torch.Tensor, item_seq: torch.Tensor, candidates: torch.Tensor
+    ) -> torch.Tensor:
+        return self._scores(user_ids.view(-1, 1).long(), candidates.long())  # (B, C)
+
+
+class MarkovBaseline:
+    """First-order transition counts from the last history item, backed off to popularity.
+
+    Args:
+        data: the processed dataset.
+        include_valid: also count transitions into validation events (test split only).
+    """
+
+    def __init__(self, data: ProcessedData, include_valid: bool = False) -> None:
+        self.include_valid = include_valid
+        self.num_items = data.num_items
+        stride = data.num_items + 1
+        labels = np.asarray(data.split_labels)
+        items = np.asarray(data.items).astype(np.int64)
+        offsets = np.asarray(data.offsets)
+        allowed = labels <= (1 if include_valid else 0)
+        # Pair (j, j+1) when both belong to the same user and the later one is allowed
+        # (allowed events are a prefix of each user's sequence).
+        same_user = np.ones(len(items), dtype=bool)
+        same_user[offsets[1:-1][offsets[1:-1] < len(items)]] = False  # first event of a user
+        later = np.flatnonzero(same_user[1:] & allowed[1:]) + 1 if len(items) > 1 else np.zeros(0, np.int64)
+        keys, counts = np.unique(items[later - 1] * stride + items[later], return_counts=True)
+        self.transition_keys = torch.from_numpy(keys)  # (P,) sorted src * stride + dst
+        self.transition_counts = torch.from_numpy(counts.astype(np.float32))  # (P,)
+        sources = keys // stride
+        self.row_starts = torch.from_numpy(np.searchsorted(sources, np.arange(stride + 1)))  # (I+2,)
+        popularity = data.item_popularity(include_valid=include_valid).astype(np.float64)
+        self.backoff = torch.from_numpy(popularity / (popularity.max() + 1.0)).float()  # (I+1,) < 1
+
+    def full_sort_predict(self, user_ids: torch.Tensor, item_seq: torch.Tensor) -> torch.Tensor:
+        device = item_seq.device
+        last = _last_items(item_seq).cpu()  # (B,)
+        scores = self.backoff.unsqueeze(0).repeat(len(last), 1)  # (B, I+1)
+        starts, ends = self.row_starts[last], self.row_starts[last + 1]  # (B,)
+        lengths = ends - starts
+        rows = torch.repeat_interleave(torch.arange(len(last)), lengths)  # (P_b,)
+        first = torch.cumsum(lengths, 0) - lengths
+        flat = torch.repeat_interleave(starts - first, lengths) + torch.arange(int(lengths.sum()))
+        columns = self.transition_keys[flat] - last[rows] * (self.num_items + 1)
+        scores.index_put_((rows, columns), self.transition_counts[flat], accumulate=True)
+        return scores.to(device)
+
+    def predict_candidates(
+        self, user_ids: torch.Tensor, item_seq: torch.Tensor, candidates: torch.Tensor
+    ) -> torch.Tensor:
+        device = candidates.device
+        last = _last_items(item_seq).cpu().view(-1, 1)  # (B, 1)
+        candidates = candidates.cpu().long()
+        queries = last * (self.num_items + 1) + candidates  # (B, C)
+        counts = torch.zeros(queries.shape, dtype=torch.float32)
+        if len(self.transition_keys):
+            idx = torch.searchsorted(self.transition_keys, queries).clamp_(max=len(self.transition_keys) - 1)
+            found = self.transition_keys[idx] == queries
+            counts = torch.where(found, self.transition_counts[idx], counts)
+        return (counts + self.backoff[candidates]).to(device)
+
+
+BASELINES = ("popularity", "popularity_with_valid", "random", "markov", "markov_with_valid")
+
+
+def get_baseline(name: str, data: ProcessedData, split: str | None = None, **kwargs: Any):
+    """Build a baseline by name.
+
+    Args:
+        name: one of ``BASELINES``.
+        data: the processed dataset.
+        split: the split it will be evaluated on (``*_with_valid`` refuse ``valid``).
+        **kwargs: passed to the class (``seed`` for random).
+    """
+    if name in ("popularity_with_valid", "markov_with_valid") and split == "valid":
+        raise ConfigError(
+            f"--baseline {name} counts validation events: use it on the test split, or "
+            f"{name.replace('_with_valid', '')} on valid"
+        )
+    if name == "popularity":
+        return PopularityBaseline(data, **kwargs)
+    if name == "popularity_with_valid":
+        return PopularityBaseline(data, include_valid=True, **kwargs)
+    if name == "markov":
+        return MarkovBaseline(data, **kwargs)
+    if name == "markov_with_valid":
+        return MarkovBaseline(data, include_valid=True, **kwargs)
+    if name == "random":
+        return RandomBaseline(num_items=data.num_items, **kwargs)
+    import difflib
+
+    close = difflib.get_close_matches(name, BASELINES, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(f"unknown baseline {name!r}{hint}; choose one of {', '.join(BASELINES)}")
