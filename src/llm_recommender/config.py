@@ -30,6 +30,22 @@ CONFIG_FORMAT_VERSION = 1
 # --------------------------------------------------------------------------------------------
 
 
+DATA_FORMATS = (
+    "auto",
+    "amazon_json",
+    "amazon_ratings_csv",
+    "amazon2023_csv",
+    "amazon2023_jsonl",
+    "csv",
+    "movielens_udata",
+    "movielens_dat",
+    "movielens_csv",
+    "sasrec_pairs",
+    "sasrec_sequences",
+)
+"""Values of ``data.format`` (see ``data/readers.py``)."""
+
+
 @dataclass
 class DataColumns:
     """Column names in the raw file; ``null`` means: detect from the known formats."""
@@ -39,7 +55,8 @@ class DataColumns:
     item: Optional[str] = None
     """Item id column (e.g. ``asin``, ``parent_asin``, ``movieId``)."""
     timestamp: Optional[str] = None
-    """Time column (e.g. ``unixReviewTime``, ``timestamp``); ``null`` with no time column: file order."""
+    """Time column (e.g. ``unixReviewTime``, ``timestamp``); a file without one is an error
+    unless ``data.allow_no_timestamps`` (then file order is time order)."""
     rating: Optional[str] = None
     """Rating column, used only by ``data.min_rating``."""
 
@@ -76,8 +93,24 @@ class DataConfig:
     """Count and skip malformed lines instead of stopping at the first one."""
     normalize_ids: bool = True
     """Unicode-normalise ids (NFC) and strip surrounding spaces; case is always kept."""
+    allow_no_timestamps: bool = False
+    """A CSV/JSON file with no time column: use file order as time order (true) or stop
+    with an error naming the missing column (false, the default: a missing column is more
+    often a mistake than a design)."""
 
     def __post_init__(self) -> None:
+        if self.format not in DATA_FORMATS:
+            close = difflib.get_close_matches(self.format, DATA_FORMATS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(
+                f"data.format={self.format!r} must be one of {', '.join(DATA_FORMATS)}{hint}"
+            )
+        _check(
+            self.delimiter is None or len(self.delimiter) == 1,
+            "data.delimiter",
+            self.delimiter,
+            "must be one character or null (detect)",
+        )
         _check(self.k_core >= 1, "data.k_core", self.k_core, "must be >= 1 (1 disables k-core)")
         _check(
             len(self.split_ratios) == 3
