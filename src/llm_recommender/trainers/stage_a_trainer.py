@@ -1,0 +1,636 @@
+"""The one Stage A training loop.
+
+AdamW (SparseAdam for sparse ID tables) with warmup + cosine/linear decay, gradient clipping
+and accumulation, bf16 autocast on CUDA, validation every epoch through the evaluator,
+early stopping on validation NDCG@10, ``best_model/`` and ``last/`` checkpoints, exact
+``--resume``, and multi-process data parallelism through Hugging Face Accelerate (DDP):
+launch with ``accelerate launch`` or ``torchrun``; each process takes its slice of every
+global batch, so N processes with batch B see the same examples as 1 process with N x B.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..checkpoint import (
+    flatten_state,
+    load_training_state,
+    read_checkpoint_info,
+    save_checkpoint,
+    unflatten_state,
+)
+from ..config import Config
+from ..data.dataset import ProcessedData, TrainWindows, epoch_permutation
+from ..errors import ConfigError, TrainingError
+from ..io_utils import atomic_write_text, clean_stale_temporaries
+
+LOSS_TERMS = ("loss", "cross_entropy", "context_bpr", "user_bpr", "l2")
+TRAIN_STATE_VERSION = 1
+
+
+# ------------------------------------------------------------------------------ set-up helpers
+
+
+def set_seed(seed: int) -> None:
+    """Seed torch (CPU and CUDA) and numpy's legacy global RNG."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def configure_runtime(config: Config) -> None:
+    """Threads and determinism from ``runtime.*``."""
+    if config.runtime.num_threads is not None:
+        torch.set_num_threads(config.runtime.num_threads)
+    if config.runtime.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def resolve_mixed_precision(config: Config, device_type: str) -> str:
+    mode = config.stage_a.mixed_precision
+    if mode == "auto":
+        return "bf16" if device_type == "cuda" else "no"
+    if mode != "no" and device_type != "cuda":
+        raise ConfigError(
+            f"stage_a.mixed_precision={mode!r} needs a CUDA device (bf16 on CPU is 6-50x slower); use auto or no"
+        )
+    return mode
+
+
+class LossModule(torch.nn.Module):
+    """Wraps the model so that the loss is computed inside ``forward`` (DDP syncs gradients
+    only for computations that go through the wrapped module's forward)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.model.calculate_loss(batch)
+
+
+def _is_table(name: str) -> bool:
+    return "user_embeddings" in name or "item_embeddings" in name
+
+
+def build_optimizers(model: torch.nn.Module, config: Config) -> list[torch.optim.Optimizer]:
+    """AdamW over dense parameters (decay on matrices only), SparseAdam for sparse tables.
+
+    Norm weights, biases and the ID tables get no weight decay (the tables get
+    ``stage_a.embedding_weight_decay``; ``embeddings.lambda_c`` is the spec's L2 term).
+    """
+    cfg = config.stage_a
+    decay, no_decay, tables, sparse_tables = [], [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if _is_table(name):
+            (sparse_tables if config.embeddings.sparse else tables).append(param)
+        elif param.ndim >= 2:
+            decay.append(param)
+        else:
+            no_decay.append(param)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+        {"params": tables, "weight_decay": cfg.embedding_weight_decay},
+    ]
+    groups = [g for g in groups if g["params"]]
+    optimizers: list[torch.optim.Optimizer] = []
+    if groups:
+        optimizers.append(torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.98), eps=1e-8))
+    if sparse_tables:
+        optimizers.append(torch.optim.SparseAdam(sparse_tables, lr=cfg.learning_rate, betas=(0.9, 0.98)))
+    return optimizers
+
+
+def lr_multiplier(step: int, total_steps: int, config: Config) -> float:
+    """Linear warmup, then cosine / linear decay to ``min_lr_ratio`` (or constant)."""
+    cfg = config.stage_a
+    warmup = int(round(cfg.warmup_ratio * total_steps))
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if cfg.lr_schedule == "constant" or total_steps <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    floor = cfg.min_lr_ratio
+    if cfg.lr_schedule == "linear":
+        return floor + (1.0 - floor) * (1.0 - progress)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ------------------------------------------------------------------------------ the loop
+
+
+class StageATrainer:
+    """Trains a ``StageAModel`` on a processed dataset; see :func:`train_stage_a`.
+
+    Args:
+        config: the resolved config.
+        data_dir: processed data folder.
+        output_dir: where ``best_model/``, ``last/``, ``metrics.jsonl`` and plots go.
+        accelerator: an ``accelerate.Accelerator`` (one is made when None).
+    """
+
+    def __init__(self, config: Config, data_dir: Path, output_dir: Path, accelerator=None) -> None:
+        from accelerate import Accelerator
+
+        self.config = config
+        self.data_dir = Path(data_dir)
+        self.output_dir = Path(output_dir)
+        configure_runtime(config)
+        device_type = self._device_type(config.runtime.device)
+        self.accelerator = accelerator or Accelerator(
+            cpu=device_type == "cpu",
+            mixed_precision=resolve_mixed_precision(config, device_type),
+        )
+        self.is_main = self.accelerator.is_main_process
+        self.world = self.accelerator.num_processes
+        self.rank = self.accelerator.process_index
+        self.device = self.accelerator.device
+        if config.embeddings.sparse and self.world > 1:
+            raise ConfigError(
+                "embeddings.sparse=true is single-process only (DDP all-reduces dense gradients); "
+                "use sampled cross-entropy (stage_a.ce.mode=sampled) for multi-process runs"
+            )
+
+        self.data = ProcessedData(self.data_dir)
+        negatives = config.stage_a.collaborative.negative_samples
+        if config.stage_a.collaborative.use_bpr_loss and negatives >= self.data.num_items:
+            raise ConfigError(
+                f"stage_a.collaborative.negative_samples={negatives} must be smaller than the "
+                f"number of items ({self.data.num_items})"
+            )
+        self.windows = TrainWindows(
+            self.data,
+            config.model.max_seq_len,
+            config.model.use_user_token,
+            config.stage_a.windows_per_user,
+        )
+        self.global_batch = config.stage_a.batch_size * self.world
+        self.batches_per_epoch = max(1, len(self.windows) // self.global_batch)
+        accumulation = config.stage_a.gradient_accumulation_steps
+        self.steps_per_epoch = max(1, self.batches_per_epoch // accumulation)
+        self.total_steps = self.steps_per_epoch * config.stage_a.num_epochs
+        if config.stage_a.max_steps is not None:
+            self.total_steps = min(self.total_steps, config.stage_a.max_steps)
+
+        set_seed(config.stage_a.seed)
+        from ..models.stage_a_model import StageAModel
+
+        self.model = StageAModel(config, self.data.num_users, self.data.num_items)
+        if config.stage_a.ce.mode == "sampled" and hasattr(self.model, "set_item_sampling_distribution"):
+            self.model.set_item_sampling_distribution(torch.from_numpy(self.data.item_popularity()))
+        self.model.to(self.device)
+        self.optimizers = build_optimizers(self.model, config)
+        if not self.optimizers:
+            raise ConfigError("nothing to train: every parameter is frozen")
+        self.schedulers = [
+            torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_multiplier(step, self.total_steps, config))
+            for opt in self.optimizers
+        ]
+        self.wrapped = self.accelerator.prepare(LossModule(self.model))
+
+        # Loop state (restored by --resume).
+        self.epoch = 0
+        self.step_in_epoch = 0  # optimizer steps done in the current epoch
+        self.global_step = 0
+        self.best_metric = -math.inf
+        self.best_epoch = -1
+        self.bad_epochs = 0
+        self.history: list[dict[str, Any]] = []
+        self.stopped_reason = ""
+        self.train_seconds = 0.0
+
+    @staticmethod
+    def _device_type(device: str) -> str:
+        if device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"runtime.device={device!r} but no CUDA device is available")
+        return "cuda" if device.startswith("cuda") else "cpu"
+
+    # ------------------------------------------------------------------ state for --resume
+
+    def _training_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors: dict[str, torch.Tensor] = {}
+        state = {
+            "version": TRAIN_STATE_VERSION,
+            "optimizers": [flatten_state(f"opt{i}", o.state_dict(), tensors) for i, o in enumerate(self.optimizers)],
+            "schedulers": [s.state_dict() for s in self.schedulers],
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "best_metric": self.best_metric if math.isfinite(self.best_metric) else None,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+            "history": self.history,
+            "stopped_reason": self.stopped_reason,
+            "train_seconds": self.train_seconds,
+            "world_size": self.world,
+        }
+        tensors["rng.torch"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            for i, rng in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"rng.cuda{i}"] = rng
+        return tensors, state
+
+    def resume(self) -> None:
+        """Restore model, optimizers, schedulers, RNG and counters from ``output_dir/last``."""
+        from ..checkpoint import MODEL_FILE
+        from safetensors.torch import load_file
+
+        last = self.output_dir / "last"
+        read_checkpoint_info(last, verify=True)
+        tensors, state = load_training_state(last)
+        if state.get("version") != TRAIN_STATE_VERSION:
+            raise TrainingError(f"{last}: training state version {state.get('version')!r} is not {TRAIN_STATE_VERSION}")
+        if state.get("world_size", 1) != self.world:
+            raise TrainingError(
+                f"{last}: saved with {state.get('world_size')} processes, resuming with {self.world}; "
+                "resume with the same number of processes"
+            )
+        self.model.load_trainable_state_dict(
+            {k: v for k, v in load_file(str(last / MODEL_FILE)).items() if k in self.model.trainable_state_dict()}
+        )
+        for opt, payload in zip(self.optimizers, state["optimizers"]):
+            opt.load_state_dict(unflatten_state(payload, tensors))
+        for sched, payload in zip(self.schedulers, state["schedulers"]):
+            sched.load_state_dict(payload)
+        self.epoch = state["epoch"]
+        self.step_in_epoch = state["step_in_epoch"]
+        self.global_step = state["global_step"]
+        self.best_metric = state["best_metric"] if state["best_metric"] is not None else -math.inf
+        self.best_epoch = state["best_epoch"]
+        self.bad_epochs = state["bad_epochs"]
+        self.history = state["history"]
+        self.stopped_reason = state.get("stopped_reason", "")
+        self.train_seconds = state.get("train_seconds", 0.0)
+        torch.set_rng_state(tensors["rng.torch"])
+        if torch.cuda.is_available():
+            cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda")]
+            if cuda_states:
+                torch.cuda.set_rng_state_all(cuda_states)
+        self._rewrite_metrics_log()
+
+    def _save(self, name: str, metrics: dict[str, Any] | None, with_state: bool) -> None:
+        if not self.is_main:
+            return
+        info = {
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "metrics": metrics or {},
+            "best_epoch": self.best_epoch,
+        }
+        save_checkpoint(
+            self.output_dir / name,
+            self.accelerator.unwrap_model(self.wrapped).model,
+            self.config,
+            info,
+            self.data_dir,
+            training_state=self._training_state() if with_state else None,
+        )
+
+    # ------------------------------------------------------------------ logging
+
+    def _metrics_path(self) -> Path:
+        return self.output_dir / "metrics.jsonl"
+
+    def _rewrite_metrics_log(self) -> None:
+        """metrics.jsonl holds exactly the history of the state we are at (after a resume,
+        entries a killed run wrote past its last checkpoint are dropped)."""
+        if self.is_main:
+            text = "".join(json.dumps(entry, sort_keys=True) + "\n" for entry in self.history)
+            atomic_write_text(self._metrics_path(), text)
+
+    def _log(self, entry: dict[str, Any]) -> None:
+        self.history.append(entry)
+        if self.is_main:
+            with open(self._metrics_path(), "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(entry, sort_keys=True) + "\n")
+            if self.tb is not None:
+                for key, value in entry.items():
+                    if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                        self.tb.add_scalar(f"{entry['kind']}/{key}", value, entry["step"])
+
+    def _open_tensorboard(self):
+        if not self.is_main:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return None
+        return SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
+
+    # ------------------------------------------------------------------ one epoch
+
+    def _batch_tensors(self, indices: np.ndarray, epoch: int, step: int) -> dict[str, torch.Tensor]:
+        batch = self.windows.batch(indices)
+        prob = self.config.model.unknown_user_prob
+        if prob > 0:
+            # Teach the unknown-user row (index 0) what a history alone says: it is what
+            # cold users get at inference. Seeded by (seed, epoch, step): resume-exact.
+            rng = np.random.default_rng([self.config.stage_a.seed, epoch, step, self.rank, 0xC01D])
+            drop = rng.random(len(indices)) < prob
+            batch["user_ids"] = np.where(drop, 0, batch["user_ids"])
+        return {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in batch.items()}
+
+    def _micro_batches(self, epoch: int) -> list[np.ndarray]:
+        order = epoch_permutation(len(self.windows), self.config.stage_a.seed, epoch)
+        size = self.config.stage_a.batch_size
+        batches = []
+        for b in range(self.batches_per_epoch):
+            global_slice = order[b * self.global_batch : (b + 1) * self.global_batch]
+            batches.append(global_slice[self.rank * size : (self.rank + 1) * size])
+        return batches
+
+    def _optimizer_step(self) -> float | None:
+        grad_norm = None
+        max_norm = self.config.stage_a.max_grad_norm
+        if max_norm is not None:
+            dense = [p for p in self.model.parameters() if p.grad is not None and not p.grad.is_sparse]
+            if dense:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(dense, max_norm))
+        for opt in self.optimizers:
+            opt.step()
+        for sched in self.schedulers:
+            sched.step()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def _train_epoch(self, epoch: int, deadline: float | None, progress) -> dict[str, float]:
+        cfg = self.config.stage_a
+        accumulation = cfg.gradient_accumulation_steps
+        micro = self._micro_batches(epoch)
+        totals = {term: 0.0 for term in LOSS_TERMS}
+        window = {term: 0.0 for term in LOSS_TERMS}
+        counted = window_count = 0
+        window_start = time.perf_counter()
+        self.wrapped.train()
+        first = self.step_in_epoch * accumulation
+        for index in range(first, self.steps_per_epoch * accumulation):
+            step_index = index // accumulation
+            last_micro = (index + 1) % accumulation == 0
+            batch = self._batch_tensors(micro[index], epoch, index)
+            sync = nullcontext() if last_micro else self.accelerator.no_sync(self.wrapped)
+            with sync, self.accelerator.autocast():
+                losses = self.wrapped(batch)
+                self.accelerator.backward(losses["loss"] / accumulation)
+            values = {term: float(losses[term].detach()) for term in LOSS_TERMS if term in losses}
+            if not all(math.isfinite(v) for v in values.values()):
+                parts = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+                raise TrainingError(
+                    f"non-finite loss at epoch {epoch + 1} step {self.global_step + 1} ({parts}); "
+                    f"stopped, the last good checkpoint is {self.output_dir / 'last'} "
+                    "(lower stage_a.learning_rate or set stage_a.max_grad_norm)"
+                )
+            for term, value in values.items():
+                totals[term] += value
+                window[term] += value
+            counted += 1
+            window_count += 1
+            if not last_micro:
+                continue
+            self._optimizer_step()
+            self.global_step += 1
+            self.step_in_epoch = step_index + 1
+            if progress is not None:
+                progress.update(1)
+            if self.global_step % cfg.log_every_steps == 0 or self.step_in_epoch == self.steps_per_epoch:
+                elapsed = max(1e-9, time.perf_counter() - window_start)
+                seqs = window_count * cfg.batch_size * self.world / elapsed
+                entry = {"kind": "train", "epoch": epoch + 1, "step": self.global_step,
+                         "lr": self.schedulers[0].get_last_lr()[0], "sequences_per_s": round(seqs, 1)}
+                entry.update({k: window[k] / window_count for k in window if k in values})
+                self._log(entry)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{entry['loss']:.4f}", seq_s=f"{seqs:.0f}")
+                window = {term: 0.0 for term in LOSS_TERMS}
+                window_count = 0
+                window_start = time.perf_counter()
+            if self.global_step >= self.total_steps:
+                break
+            if deadline is not None and time.time() > deadline:
+                self.stopped_reason = "max_train_minutes"
+                break
+        return {k: v / max(1, counted) for k, v in totals.items()}
+
+    # ------------------------------------------------------------------ validation
+
+    def validate(self) -> dict[str, Any]:
+        """Validation metrics (on the main process) of the current model."""
+        from ..evaluation.evaluator import evaluate
+
+        cfg = self.config.stage_a
+        model = self.accelerator.unwrap_model(self.wrapped).model
+        result = evaluate(
+            model,
+            self.data,
+            "valid",
+            self.config.evaluation,
+            self.config.model.max_seq_len,
+            protocols=(cfg.eval_protocol,),
+            max_users=cfg.eval_max_users,
+            device=self.device,
+        )
+        return result
+
+    # ------------------------------------------------------------------ run
+
+    def fit(self) -> dict[str, Any]:
+        cfg = self.config.stage_a
+        from tqdm.auto import tqdm
+
+        self.tb = self._open_tensorboard()
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            if not self.history:
+                atomic_write_text(self._metrics_path(), "")
+            self._print_header()
+        progress = None
+        if self.is_main:
+            progress = tqdm(total=self.total_steps, initial=self.global_step, desc="train",
+                            unit="step", dynamic_ncols=True, file=sys.stderr,
+                            disable=not sys.stderr.isatty() and os.environ.get("LLMREC_PROGRESS") != "1")
+        started = time.time()
+        budget = cfg.max_train_minutes
+        deadline = started + budget * 60 - self.train_seconds if budget is not None else None
+        try:
+            while (
+                self.epoch < cfg.num_epochs
+                and self.global_step < self.total_steps
+                and self.stopped_reason in ("", None)
+            ):
+                epoch_start = time.perf_counter()
+                train_losses = self._train_epoch(self.epoch, deadline, progress)
+                epoch_seconds = time.perf_counter() - epoch_start
+                finished_epoch = self.step_in_epoch >= self.steps_per_epoch
+                validate_now = (
+                    (self.epoch + 1) % cfg.eval_every_epochs == 0
+                    or not finished_epoch
+                    or self.global_step >= self.total_steps
+                    or self.epoch + 1 >= cfg.num_epochs
+                )
+                self.train_seconds += epoch_seconds
+                metrics: dict[str, Any] = {}
+                improved = False
+                if validate_now:
+                    metrics = self._validate_and_track()
+                    improved = metrics.pop("_improved")
+                if finished_epoch:
+                    self.epoch += 1
+                    self.step_in_epoch = 0
+                self._log_epoch(train_losses, metrics, epoch_seconds)
+                if improved:
+                    self._save("best_model", metrics, with_state=False)
+                self._save("last", metrics, with_state=True)
+                if cfg.patience and self.bad_epochs >= cfg.patience:
+                    self.stopped_reason = f"early stopping: no better validation NDCG@10 for {cfg.patience} validations"
+                self.accelerator.wait_for_everyone()
+        finally:
+            if progress is not None:
+                progress.close()
+            if self.tb is not None:
+                self.tb.close()
+        if not self.stopped_reason:
+            self.stopped_reason = "num_epochs" if self.epoch >= cfg.num_epochs else "max_steps"
+        summary = {
+            "best_epoch": self.best_epoch,
+            "best_valid_ndcg10": self.best_metric,
+            "epochs": self.epoch,
+            "global_step": self.global_step,
+            "stopped": self.stopped_reason,
+            "train_seconds": round(self.train_seconds, 1),
+            "best_model": str(self.output_dir / "best_model"),
+        }
+        if self.is_main:
+            self._plot_curves()
+            print(f"done: {self.stopped_reason}; best validation NDCG@10 {self.best_metric:.4f} at epoch "
+                  f"{self.best_epoch}; checkpoint {self.output_dir / 'best_model'}", flush=True)
+        return summary
+
+    def _validate_and_track(self) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        if self.is_main:
+            result = self.validate()
+        from accelerate.utils import broadcast_object_list
+
+        payload = broadcast_object_list([result])[0] if self.world > 1 else result
+        protocol = self.config.stage_a.eval_protocol
+        metrics = dict(payload.get(protocol, {}))
+        metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        metrics["protocol"] = protocol
+        score = float(metrics.get("NDCG@10", -math.inf))
+        improved = score > self.best_metric
+        if improved:
+            self.best_metric = score
+            self.best_epoch = self.epoch + 1
+            self.bad_epochs = 0
+        else:
+            self.bad_epochs += 1
+        metrics["_improved"] = improved
+        return metrics
+
+    def _log_epoch(self, losses: dict[str, float], metrics: dict[str, Any], seconds: float) -> None:
+        entry = {"kind": "epoch", "epoch": self.epoch, "step": self.global_step,
+                 "epoch_seconds": round(seconds, 2)}
+        entry.update({f"train_{k}": v for k, v in losses.items()})
+        entry.update({f"valid_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        self._log(entry)
+        if self.is_main:
+            terms = " ".join(f"{k}={v:.4f}" for k, v in losses.items() if k != "loss")
+            valid = ""
+            if metrics:
+                valid = " | valid " + " ".join(
+                    f"{k}={metrics[k]:.4f}" for k in ("HR@10", "NDCG@10", "MRR") if k in metrics
+                )
+            print(f"epoch {self.epoch:3d} step {self.global_step:6d} loss={losses['loss']:.4f} {terms}{valid}"
+                  f" ({seconds:.1f}s)", flush=True)
+
+    def _print_header(self) -> None:
+        from ..models.stage_a_model import count_parameters
+
+        counts = count_parameters(self.model)
+        info = getattr(self.model, "backbone_info", {})
+        print(
+            f"train: {self.data.num_users} users, {self.data.num_items} items, {len(self.windows)} windows; "
+            f"backbone {info.get('family', '?')} ({info.get('source', '?')}, {self.config.model.finetune_mode}); "
+            f"parameters {counts['total']:,} ({counts['trainable']:,} trainable); "
+            f"{self.steps_per_epoch} steps/epoch x {self.config.stage_a.num_epochs} epochs; "
+            f"{self.world} process(es) on {self.device}",
+            flush=True,
+        )
+
+    def _plot_curves(self) -> None:
+        """training_curves.png: loss terms per step, validation NDCG@10/HR@10 per epoch."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        train = [e for e in self.history if e["kind"] == "train"]
+        epochs = [e for e in self.history if e["kind"] == "epoch" and "valid_NDCG@10" in e]
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for term in LOSS_TERMS:
+            points = [(e["step"], e[term]) for e in train if term in e]
+            if points and any(v != 0 for _, v in points):
+                axes[0].plot(*zip(*points), label=term)
+        axes[0].set_xlabel("step")
+        axes[0].set_ylabel("loss")
+        axes[0].set_title("training loss terms")
+        axes[0].legend()
+        for key in ("valid_NDCG@10", "valid_HR@10"):
+            points = [(e["epoch"], e[key]) for e in epochs if key in e]
+            if points:
+                axes[1].plot(*zip(*points), marker="o", label=key)
+        axes[1].set_xlabel("epoch")
+        axes[1].set_title("validation")
+        axes[1].legend()
+        fig.tight_layout()
+        tmp = self.output_dir / ".training_curves.png.tmp"
+        fig.savefig(tmp, dpi=100, format="png")
+        plt.close(fig)
+        os.replace(tmp, self.output_dir / "training_curves.png")
+
+
+def train_stage_a(config: Config, data_dir: Path, output_dir: Path, resume: bool = False) -> dict[str, Any]:
+    """Train Stage A (the spec's ``scripts/train_stage_a.py``).
+
+    Args:
+        config: resolved config.
+        data_dir: processed data folder (``llmrec preprocess``).
+        output_dir: checkpoint folder; ``best_model/`` and ``last/`` are written inside.
+        resume: continue from ``output_dir/last`` (optimizer, scheduler, RNG, data order).
+    """
+    output_dir = Path(output_dir)
+    if int(os.environ.get("RANK", "0")) == 0:
+        # A kill during a checkpoint write may have left only the previous folder, renamed
+        # aside: put it back before deciding whether there is something to resume.
+        for name in ("last", "best_model"):
+            clean_stale_temporaries(output_dir, name)
+    if resume and not (output_dir / "last" / "checkpoint.json").is_file():
+        raise TrainingError(f"{output_dir / 'last'}: nothing to resume from (no checkpoint there)")
+    if not resume and (output_dir / "last" / "checkpoint.json").is_file():
+        print(f"note: {output_dir} holds a previous run; starting over (use --resume to continue it)",
+              file=sys.stderr)
+    trainer = StageATrainer(config, data_dir, output_dir)
+    if resume:
+        trainer.resume()
+    elif trainer.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    return trainer.fit()
