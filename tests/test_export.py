@@ -83,3 +83,17 @@ def test_without_faiss_a_note_and_no_index(tiny_checkpoint, tmp_path, monkeypatc
     assert manifest["faiss"] is False and "faiss not installed" in manifest["note"]
     assert "note: faiss not installed" in capsys.readouterr().out
     assert (tmp_path / "out" / "item_embeddings.npy").is_file()
+
+
+def test_cli_export_with_data_dir_and_no_faiss(tiny_checkpoint, tmp_path, capsys):
+    from llm_recommender.cli import main
+
+    checkpoint, data_dir = tiny_checkpoint
+    code = main(["export-embeddings", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "v"),
+                 "--data_dir", str(data_dir), "--no-faiss", "--batch-size", "16"])
+    assert code == 0
+    assert "exported 30 items and 60 users (dim 16)" in capsys.readouterr().out
+    assert not (tmp_path / "v" / "items.faiss").exists()
+    code = main(["export-embeddings", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "w"),
+                 "--data_dir", str(tmp_path / "missing")])
+    assert code == 2 and "processed data folder not found" in capsys.readouterr().err

@@ -108,7 +108,13 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 def cmd_export_embeddings(args: argparse.Namespace) -> int:
     from .serving.export import export_embeddings
 
-    export_embeddings(Path(args.checkpoint), Path(args.output), faiss_index=not args.no_faiss)
+    export_embeddings(
+        Path(args.checkpoint),
+        Path(args.output),
+        faiss_index=not args.no_faiss,
+        data_dir=Path(args.data_dir) if args.data_dir else None,
+        batch_size=args.batch_size,
+    )
     return 0
 
 
@@ -256,7 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export-embeddings", help="item/user vectors as .npy (+ FAISS index)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--output", required=True)
+    p.add_argument("--data_dir", "--data-dir", dest="data_dir", default=None,
+                   help="processed data (users' histories); default: the folder the checkpoint records")
     p.add_argument("--no-faiss", action="store_true", help="skip the FAISS index")
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=1024,
+                   help="users per forward pass for user_states.npy")
     p.set_defaults(func=cmd_export_embeddings)
 
     p = sub.add_parser("serve", help="HTTP service (FastAPI + uvicorn)")
