@@ -5,7 +5,8 @@ sequential recommender learns and a popularity baseline cannot:
 
 - **Zipf-like item popularity**: item weights ``1 / rank**alpha`` over a random ranking.
 - **Taste clusters**: every item and every user belongs to one of ``C`` clusters; a user's
-  fresh picks come from the popularity of the items of their cluster.
+  fresh picks come from the popularity of the items of their cluster (a few, ``noise_prob``,
+  from the whole catalogue).
 - **Item-to-item transitions**: every item has ``K`` "next" items in its own cluster; with
   probability ``follow_prob`` the next event follows one of them (the first is the most
   likely), otherwise it is a fresh pick. This is what a sequence model can learn.
@@ -98,6 +99,7 @@ def generate_interactions(
     num_clusters: int | None = None,
     zipf_alpha: float = 0.8,
     follow_prob: float = 0.6,
+    noise_prob: float = 0.05,
     transition_weights: tuple[float, ...] = (0.5, 0.25, 0.15, 0.10),
     min_length: int = 5,
     length_sigma: float = 1.2,
@@ -112,6 +114,7 @@ def generate_interactions(
         num_clusters: taste clusters (``None``: :func:`default_num_clusters`).
         zipf_alpha: popularity exponent (weight of the item ranked r is ``r**-alpha``).
         follow_prob: probability that an event follows a transition from the previous item.
+        noise_prob: probability that a fresh pick ignores the user's cluster (global popularity).
         transition_weights: probabilities of the 1st, 2nd, ... "next" item of a transition.
         min_length: shortest user sequence when ``num_interactions`` allows it.
         length_sigma: log-normal spread of the extra events per user (heavy tail).
@@ -126,6 +129,7 @@ def generate_interactions(
     rank = rng.permutation(num_items)
     item_weight = 1.0 / np.power(rank + 1.0, zipf_alpha)
     sampler = _ClusterSampler(item_cluster, item_weight, num_clusters)
+    global_cdf = np.cumsum(item_weight) / item_weight.sum()
 
     # ---- transitions: K next items per item, drawn from its own cluster by popularity
     num_next = len(transition_weights)
@@ -157,6 +161,10 @@ def generate_interactions(
     for position, active in enumerate(active_counts):
         active = int(active)
         fresh = sampler.sample(clusters[:active], rng)
+        noise = rng.random(active) < noise_prob
+        if noise.any():
+            drawn = np.searchsorted(global_cdf, rng.random(int(noise.sum())), side="right")
+            fresh[noise] = np.minimum(drawn, num_items - 1)
         if position > 0:
             follow = rng.random(active) < follow_prob
             choice = np.searchsorted(next_cdf, rng.random(active), side="right")
