@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
+import numpy as np
 import polars as pl
 
 from ..config import DATA_FORMATS, DataConfig
@@ -162,9 +163,13 @@ def read_interactions(
             frame = _fast_read(path, layout)
             distinct = {column: frame.get_column(column).unique() for column in ("user", "item")}
             _check_values(frame, distinct, data_config.normalize_ids)
+            _check_unterminated_quote(path, layout)
         except (pl.exceptions.PolarsError, _NeedsLineReader, UnicodeDecodeError, OSError):
             # polars' messages name neither the line nor the reason in user terms: the line
-            # reader below applies the same rules and names the first bad line.
+            # reader below applies the same rules and names the first bad line. A broken
+            # gzip stream is found first by a C-speed pass, not line by line.
+            if layout.gzip:
+                _check_gzip_stream(path)
             frame = None
     if frame is None:
         report.engine = "python"
@@ -220,7 +225,7 @@ def _gzip_problem(exc: BaseException) -> str:
 
 
 def _excerpt(text: str, limit: int = 40) -> str:
-    text = text.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+    """A short quoted excerpt (repr escapes tabs and newlines) for one-line messages."""
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
@@ -237,10 +242,12 @@ def sniff_layout(path: Path, data_config: DataConfig) -> _Layout:
     try:
         text = head.decode("utf-8")
     except UnicodeDecodeError as exc:
-        if complete or exc.start < len(head) - 4:  # not just a character cut by the 64 KiB window
+        cut_by_window = not complete and exc.start >= len(head) - 4
+        if not cut_by_window and not data_config.skip_bad_lines:
             line = head.count(b"\n", 0, exc.start) + 1
             raise DataError(f"{path}: line {line}: not UTF-8 text (binary or another encoding)") from None
-        text = head[: exc.start].decode("utf-8")
+        # With skip_bad_lines the line reader counts such lines; sniff around them.
+        text = head[: exc.start].decode("utf-8") if cut_by_window else head.decode("utf-8", "replace")
     lines = text.split("\n")
     if not complete and len(lines) > 1:
         lines = lines[:-1]  # the last one may be cut by the sniff window
@@ -486,6 +493,45 @@ def _check_values(frame: pl.DataFrame, distinct: dict[str, pl.Series], normalize
         stripped = values.str.strip_chars() if normalize else values
         if (stripped.str.len_bytes() == 0).any():
             raise _NeedsLineReader
+
+
+def _check_unterminated_quote(path: Path, layout: _Layout) -> None:
+    """polars accepts a quoted field left open at the end of a file (a cut download); the
+    csv module does not. A plain file that does not end with a newline and holds an odd
+    number of quote characters goes to the line reader, which names the line."""
+    if layout.gzip or layout.format not in _HEADER_FORMATS + ("amazon_ratings_csv",):
+        return
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        handle.seek(max(0, size - 1))
+        if handle.read(1) == b"\n":
+            return
+    quotes = np.count_nonzero(np.memmap(path, dtype=np.uint8, mode="r") == ord('"'))
+    if quotes % 2:
+        raise _NeedsLineReader
+
+
+def _check_gzip_stream(path: Path, chunk_size: int = 1 << 22) -> None:
+    """Decompress the whole file (C speed, nothing kept) and raise :class:`DataError` naming
+    the line where a truncated or corrupt gzip stream ends."""
+    lines = 0
+    decompressor = zlib.decompressobj(wbits=31)
+    pending = False  # the current gzip member has started but not reached its end marker
+    with open(path, "rb") as handle:
+        try:
+            while chunk := handle.read(chunk_size):
+                while chunk:
+                    pending = True
+                    lines += decompressor.decompress(chunk).count(b"\n")
+                    chunk = b""
+                    if decompressor.eof:  # multi-member gzip: the next member follows
+                        chunk = decompressor.unused_data
+                        decompressor = zlib.decompressobj(wbits=31)
+                        pending = False
+        except zlib.error as exc:
+            raise DataError(f"{path}: corrupt gzip data ({exc}) after line {lines}") from None
+    if pending:
+        raise DataError(f"{path}: truncated gzip file (the compressed data ends early) after line {lines}")
 
 
 # --------------------------------------------------------------------------------------------
