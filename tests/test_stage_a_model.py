@@ -237,3 +237,22 @@ def test_sampled_cross_entropy_mode_learns():
     model.set_item_sampling_distribution(torch.arange(NUM_ITEMS + 1))
     losses = _train(model)
     assert sum(losses[-3:]) < 0.6 * sum(losses[:3])
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model.finetune=full"],
+        ["model.finetune=full", "model.use_user_token=false"],
+        ["model.use_user_token=false", "stage_a.loss_weights.user_bpr=0", "embeddings.lambda_c=0"],
+    ],
+)
+def test_every_trainable_parameter_gets_a_gradient(overrides):
+    # DDP fails on a parameter that requires grad but never receives one.
+    torch.manual_seed(0)
+    config = _config(*RANDOM_TINY["gpt2"], *overrides)
+    model = build_model(config, NUM_USERS, NUM_ITEMS)
+    batch = make_batch(torch.Generator().manual_seed(0), use_user_token=config.model.use_user_token)
+    model.calculate_loss(batch)["loss"].backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert no_grad == []
