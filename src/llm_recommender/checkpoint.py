@@ -2,10 +2,10 @@
 
 A checkpoint folder (``best_model/``, ``last/``) holds:
 
-- ``model.safetensors``: the ID tables, projections, output head and only the backbone
-  weights that changed (all of them for full fine-tuning, the adapter for LoRA, none when
-  frozen: the base model is referenced by ``model.base_llm``). A randomly initialised
-  backbone cannot be referenced by name, so it is always stored.
+- ``model.safetensors``: ``StageAModel.trainable_state_dict()``: the ID tables, projections,
+  output head and only the backbone weights that changed (all of them for full fine-tuning,
+  the adapter for LoRA, none when frozen: the base model is referenced by ``model.base_llm``).
+  A randomly initialised backbone cannot be referenced by name, so it is always stored.
 - ``config.yaml``: the resolved config that made it (a run can be repeated from it).
 - ``checkpoint.json``: format version, catalogue sizes, the processed data it was trained on
   (path and sha256 of its source), epoch/step, validation metrics, and the sha256 of every
@@ -39,17 +39,6 @@ CHECKPOINT_KIND = "llm_recommender.stage_a"
 MODEL_FILE = "model.safetensors"
 STATE_TENSORS = "training_state.safetensors"
 STATE_JSON = "training_state.json"
-BACKBONE_PREFIX = "backbone."
-
-
-def model_state_for_checkpoint(model: torch.nn.Module, config: Config) -> dict[str, torch.Tensor]:
-    """What ``model.safetensors`` stores (see the module docstring)."""
-    state = dict(model.trainable_state_dict())
-    if config.model.random_init_stage_a_llm and config.model.finetune_mode != "full":
-        # A random backbone has no name to reference: store it whole.
-        for name, tensor in model.backbone.state_dict().items():
-            state.setdefault(BACKBONE_PREFIX + name, tensor)
-    return {name: tensor.detach().to("cpu").contiguous() for name, tensor in state.items()}
 
 
 def save_checkpoint(
@@ -72,7 +61,8 @@ def save_checkpoint(
     """
     data_dir = Path(data_dir).resolve()
     with atomic_directory(folder) as tmp:
-        save_file(model_state_for_checkpoint(model, config), str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        state = model.trainable_state_dict()  # tables, projections, changed backbone weights
+        save_file(state, str(tmp / MODEL_FILE), metadata={"format": "pt"})
         save_config(config, tmp / "config.yaml")
         for name in ("user_ids.txt", "item_ids.txt"):
             source = data_dir / name
@@ -176,14 +166,10 @@ def load_checkpoint(
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{folder / MODEL_FILE}: unreadable ({exc})") from None
     model = StageAModel(config, int(info["num_users"]), int(info["num_items"]))
-    backbone_state = {k[len(BACKBONE_PREFIX):]: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
-    if config.model.random_init_stage_a_llm and config.model.finetune_mode != "full":
-        missing, unexpected = model.backbone.load_state_dict(backbone_state, strict=False)
-        if missing:
-            raise CheckpointError(f"{folder / MODEL_FILE}: backbone weights missing ({missing[0]}, ...)")
-        trainable_keys = set(model.trainable_state_dict())
-        state = {k: v for k, v in state.items() if k in trainable_keys}
-    model.load_trainable_state_dict(state)
+    try:
+        model.load_trainable_state_dict(state)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{folder / MODEL_FILE}: {exc}") from None
     model.to(device)
     model.eval()
     return model, config, info

@@ -357,6 +357,9 @@ class StageAConfig:
     """Validate on a seeded sample of users (``null``: all); the test is always on all."""
     windows_per_user: int = 1
     """Training windows per user per epoch: the most recent one, then earlier ones."""
+    length_bucketing: bool = True
+    """Group windows of similar length into batches (order still shuffled per epoch): with
+    short Amazon sequences most of a randomly formed batch is padding."""
     loss_weights: LossWeights = field(default_factory=LossWeights)
     """Weights of the loss terms."""
     collaborative: CollaborativeConfig = field(default_factory=CollaborativeConfig)

@@ -231,12 +231,17 @@ class TrainWindows:
     def __len__(self) -> int:
         return len(self.users)
 
+    @property
+    def lengths(self) -> np.ndarray:
+        """Events in each example's window (input items + 1)."""
+        return self.window_ends - self.window_starts
+
     def batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         """Build one right-padded batch of examples ``indices`` (numpy, vectorised).
 
         Returns:
-            ``user_ids`` (B,), ``item_seq`` (B, max_seq_len), ``targets`` (B, S) with
-            S = max_seq_len + 1 with the user token, else max_seq_len; all int64.
+            ``user_ids`` (B,), ``item_seq`` (B, T), ``targets`` (B, S) with T <= max_seq_len
+            the longest input in the batch, S = T + 1 with the user token, else T; int64.
         """
         indices = np.asarray(indices, dtype=np.int64)
         span = self.max_seq_len + 1
@@ -248,6 +253,11 @@ class TrainWindows:
         # item_seq: w_1..w_{n-1}; position n-1 (the last item) is never an input.
         item_seq = np.where(column[:, :-1] < (length - 1)[:, None], window[:, :-1], 0)
         targets = window if self.use_user_token else window[:, 1:]
+        # Trim the padding columns no row uses: short-sequence data (Amazon: median 6 items)
+        # then costs the backbone the batch's longest row, not max_seq_len.
+        longest = int(length.max())
+        item_seq = item_seq[:, : max(1, longest - 1)]
+        targets = targets[:, : item_seq.shape[1] + (1 if self.use_user_token else 0)]
         return {"user_ids": self.users[indices].copy(), "item_seq": item_seq, "targets": targets}
 
 
@@ -256,3 +266,37 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
     sees exactly the order the uninterrupted run saw."""
     rng = np.random.default_rng([seed, epoch, 0x5EED])
     return rng.permutation(num_examples)
+
+
+def epoch_batches(
+    lengths: np.ndarray, batch_size: int, seed: int, epoch: int, bucketing: bool, bucket_batches: int = 50
+) -> list[np.ndarray]:
+    """The global batches of one epoch (full batches only), a function of (seed, epoch).
+
+    With ``bucketing``, the shuffled examples are cut into pools of ``bucket_batches``
+    batches, each pool is sorted by window length and cut into batches, and the batch order
+    is shuffled: batches hold similar lengths (little padding) yet every epoch differs.
+
+    Args:
+        lengths: window length of every example.
+        batch_size: global batch size.
+        seed: training seed.
+        epoch: epoch number.
+        bucketing: group similar lengths.
+        bucket_batches: batches per sorting pool.
+    """
+    order = epoch_permutation(len(lengths), seed, epoch)
+    num_batches = len(order) // batch_size
+    order = order[: num_batches * batch_size]
+    if bucketing and num_batches > 1:
+        pool = batch_size * bucket_batches
+        pieces = []
+        for start in range(0, len(order), pool):
+            chunk = order[start : start + pool]
+            pieces.append(chunk[np.argsort(lengths[chunk], kind="stable")])
+        order = np.concatenate(pieces)
+    batches = order.reshape(num_batches, batch_size)
+    if bucketing and num_batches > 1:
+        rng = np.random.default_rng([seed, epoch, 0xB0C7])
+        batches = batches[rng.permutation(num_batches)]
+    return list(batches)

@@ -30,7 +30,7 @@ from ..checkpoint import (
     unflatten_state,
 )
 from ..config import Config
-from ..data.dataset import ProcessedData, TrainWindows, epoch_permutation
+from ..data.dataset import ProcessedData, TrainWindows, epoch_batches
 from ..errors import ConfigError, TrainingError
 from ..io_utils import atomic_write_text, clean_stale_temporaries
 
@@ -262,9 +262,7 @@ class StageATrainer:
                 f"{last}: saved with {state.get('world_size')} processes, resuming with {self.world}; "
                 "resume with the same number of processes"
             )
-        self.model.load_trainable_state_dict(
-            {k: v for k, v in load_file(str(last / MODEL_FILE)).items() if k in self.model.trainable_state_dict()}
-        )
+        self.model.load_trainable_state_dict(load_file(str(last / MODEL_FILE)))
         for opt, payload in zip(self.optimizers, state["optimizers"]):
             opt.load_state_dict(unflatten_state(payload, tensors))
         for sched, payload in zip(self.schedulers, state["schedulers"]):
@@ -336,25 +334,20 @@ class StageATrainer:
 
     # ------------------------------------------------------------------ one epoch
 
-    def _batch_tensors(self, indices: np.ndarray, epoch: int, step: int) -> dict[str, torch.Tensor]:
+    def _batch_tensors(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        # (model.unknown_user_prob is applied inside the model's loss, from torch's RNG.)
         batch = self.windows.batch(indices)
-        prob = self.config.model.unknown_user_prob
-        if prob > 0:
-            # Teach the unknown-user row (index 0) what a history alone says: it is what
-            # cold users get at inference. Seeded by (seed, epoch, step): resume-exact.
-            rng = np.random.default_rng([self.config.stage_a.seed, epoch, step, self.rank, 0xC01D])
-            drop = rng.random(len(indices)) < prob
-            batch["user_ids"] = np.where(drop, 0, batch["user_ids"])
         return {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in batch.items()}
 
     def _micro_batches(self, epoch: int) -> list[np.ndarray]:
-        order = epoch_permutation(len(self.windows), self.config.stage_a.seed, epoch)
-        size = self.config.stage_a.batch_size
-        batches = []
-        for b in range(self.batches_per_epoch):
-            global_slice = order[b * self.global_batch : (b + 1) * self.global_batch]
-            batches.append(global_slice[self.rank * size : (self.rank + 1) * size])
-        return batches
+        cfg = self.config.stage_a
+        global_batches = epoch_batches(
+            self.windows.lengths, self.global_batch, cfg.seed, epoch, cfg.length_bucketing
+        )
+        size = cfg.batch_size
+        # Each process takes its slice of every global batch: N processes x batch B see the
+        # examples 1 process with batch N x B sees.
+        return [batch[self.rank * size : (self.rank + 1) * size] for batch in global_batches]
 
     def _optimizer_step(self) -> float | None:
         grad_norm = None
@@ -384,7 +377,7 @@ class StageATrainer:
         for index in range(first, self.steps_per_epoch * accumulation):
             step_index = index // accumulation
             last_micro = (index + 1) % accumulation == 0
-            batch = self._batch_tensors(micro[index], epoch, index)
+            batch = self._batch_tensors(micro[index])
             sync = nullcontext() if last_micro else self.accelerator.no_sync(self.wrapped)
             with sync, self.accelerator.autocast():
                 losses = self.wrapped(batch)
