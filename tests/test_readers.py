@@ -234,3 +234,36 @@ def test_kindle_sample_reads_only_needed_columns_through_quoted_text():
     assert frame.columns == ["user", "item", "timestamp", "rating", "row"]
     first = frame.row(0)
     assert first[:4] == ("AUSBN91MCI3WM", "B00J4S6YWC", 1403308800, 5.0)
+
+
+@pytest.mark.parametrize("fmt", ["amazon_json", "sasrec_sequences", "movielens_udata"])
+def test_blockwise_reading_of_a_file_with_bad_lines_matches_the_line_reader(tmp_path, monkeypatch, fmt):
+    # polars rejects the whole file; it is then read in blocks, and only blocks with a bad
+    # line go through Python. Small blocks here, so the bad lines fall in different blocks.
+    import llm_recommender.data.readers as readers
+
+    monkeypatch.setattr(readers, "_BLOCK_BYTES", 700)
+    good = {
+        "amazon_json": lambda n: f'{{"reviewerID": "U{n % 7}", "asin": "I{n % 11}", "overall": 4.0, "unixReviewTime": {n}}}',
+        "sasrec_sequences": lambda n: f"{n} {n % 5} {n % 7} {n % 3}",
+        "movielens_udata": lambda n: f"{n % 9}\t{n % 13}\t3\t{1000 + n}",
+    }[fmt]
+    lines = [good(n).encode() for n in range(200)]
+    # 57: malformed for the format (any text is a user with no items in sasrec_sequences,
+    # so there it is bytes that are not UTF-8); 58: blank, skipped, not bad; 131: not UTF-8.
+    lines[56] = b"U1 \xff\xfe" if fmt == "sasrec_sequences" else b"oops"
+    lines[57] = b""
+    lines[130] = b"caf\xe9 1 2"
+    path = tmp_path / "with_bad_lines.gz"
+    path.write_bytes(gzip.compress(b"\n".join(lines) + b"\n", mtime=0))
+
+    with pytest.raises(DataError, match=r"with_bad_lines.gz: line 57: "):
+        read_interactions(path, DataConfig())
+    config = DataConfig(skip_bad_lines=True)
+    frame, report = read_interactions(path, config)
+    assert report.engine == "blocks" and report.bad_lines == 2
+    assert report.first_bad_line.startswith("line 57: ")
+    reference, ref_report = read_interactions(path, config, engine="python")
+    assert ref_report.bad_lines == 2
+    assert frame.equals(reference)
+    assert frame.get_column("row").to_list() == list(range(frame.height))

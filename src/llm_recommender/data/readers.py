@@ -73,6 +73,9 @@ _POSITIONS = {
 }
 _FIELD_COUNT = {"amazon_ratings_csv": 4, "movielens_udata": 4, "movielens_dat": 4, "sasrec_pairs": 2}
 _JSON_FORMATS = ("amazon_json", "amazon2023_jsonl")
+# One record per physical line (no quoting): these can be cut into blocks at newlines.
+_LINE_FORMATS = _JSON_FORMATS + ("movielens_udata", "movielens_dat", "sasrec_pairs", "sasrec_sequences")
+_BLOCK_BYTES = 1 << 26
 _HEADER_FORMATS = ("csv", "amazon2023_csv", "movielens_csv")
 _NO_TIME_FORMATS = ("sasrec_pairs", "sasrec_sequences")
 
@@ -168,13 +171,17 @@ def read_interactions(
             # polars' messages name neither the line nor the reason in user terms: the line
             # reader below applies the same rules and names the first bad line. A broken
             # gzip stream is found first by a C-speed pass, not line by line.
-            if layout.gzip:
+            if layout.gzip and layout.format not in _LINE_FORMATS:  # (blocks check as they read)
                 _check_gzip_stream(path)
             frame = None
     if frame is None:
-        report.engine = "python"
-        frame = _line_read(path, layout, data_config, report)
         distinct = {}
+        if engine == "auto" and layout.format in _LINE_FORMATS:
+            report.engine = "blocks"
+            frame = _blockwise_read(path, layout, data_config, report)
+        else:
+            report.engine = "python"
+            frame = _line_read(path, layout, data_config, report)
 
     if frame.height == 0:
         raise DataError(_empty_message(path, layout, report))
@@ -242,12 +249,11 @@ def sniff_layout(path: Path, data_config: DataConfig) -> _Layout:
     try:
         text = head.decode("utf-8")
     except UnicodeDecodeError as exc:
-        cut_by_window = not complete and exc.start >= len(head) - 4
-        if not cut_by_window and not data_config.skip_bad_lines:
-            line = head.count(b"\n", 0, exc.start) + 1
-            raise DataError(f"{path}: line {line}: not UTF-8 text (binary or another encoding)") from None
-        # With skip_bad_lines the line reader counts such lines; sniff around them.
-        text = head[: exc.start].decode("utf-8") if cut_by_window else head.decode("utf-8", "replace")
+        line = head.count(b"\n", 0, exc.start) + 1
+        if line == 1 and not data_config.skip_bad_lines:
+            raise DataError(f"{path}: line 1: not UTF-8 text (binary or another encoding)") from None
+        # A later line: the readers report (or count) it in file order with other bad lines.
+        text = head.decode("utf-8", "replace")
     lines = text.split("\n")
     if not complete and len(lines) > 1:
         lines = lines[:-1]  # the last one may be cut by the sniff window
@@ -386,7 +392,7 @@ def _resolve_columns(path: Path, names: list[str], data_config: DataConfig, line
 # --------------------------------------------------------------------------------------------
 
 
-def _fast_read(path: Path, layout: _Layout) -> pl.DataFrame:
+def _fast_read(path: Path | bytes, layout: _Layout) -> pl.DataFrame:
     fmt, cols = layout.format, layout.columns
     if fmt in _JSON_FORMATS:
         schema = {cols["user"]: pl.String, cols["item"]: pl.String}
@@ -511,18 +517,24 @@ def _check_unterminated_quote(path: Path, layout: _Layout) -> None:
         raise _NeedsLineReader
 
 
-def _check_gzip_stream(path: Path, chunk_size: int = 1 << 22) -> None:
-    """Decompress the whole file (C speed, nothing kept) and raise :class:`DataError` naming
-    the line where a truncated or corrupt gzip stream ends."""
-    lines = 0
-    decompressor = zlib.decompressobj(wbits=31)
-    pending = False  # the current gzip member has started but not reached its end marker
+def _raw_chunks(path: Path, is_gzip: bool, chunk_size: int = 1 << 22) -> Iterator[bytes]:
+    """The file's (decompressed) bytes in chunks. A truncated or corrupt gzip stream raises
+    :class:`DataError` naming the last complete line, counted exactly."""
     with open(path, "rb") as handle:
+        if not is_gzip:
+            while chunk := handle.read(chunk_size):
+                yield chunk
+            return
+        lines = 0
+        decompressor = zlib.decompressobj(wbits=31)
+        pending = False  # the current gzip member has started but not reached its end marker
         try:
             while chunk := handle.read(chunk_size):
                 while chunk:
                     pending = True
-                    lines += decompressor.decompress(chunk).count(b"\n")
+                    data = decompressor.decompress(chunk)
+                    lines += data.count(b"\n")
+                    yield data
                     chunk = b""
                     if decompressor.eof:  # multi-member gzip: the next member follows
                         chunk = decompressor.unused_data
@@ -530,8 +542,14 @@ def _check_gzip_stream(path: Path, chunk_size: int = 1 << 22) -> None:
                         pending = False
         except zlib.error as exc:
             raise DataError(f"{path}: corrupt gzip data ({exc}) after line {lines}") from None
-    if pending:
-        raise DataError(f"{path}: truncated gzip file (the compressed data ends early) after line {lines}")
+        if pending:
+            raise DataError(f"{path}: truncated gzip file (the compressed data ends early) after line {lines}")
+
+
+def _check_gzip_stream(path: Path) -> None:
+    """Decompress the whole file at C speed, keeping nothing; raise on a broken stream."""
+    for _ in _raw_chunks(path, is_gzip=True):
+        pass
 
 
 # --------------------------------------------------------------------------------------------
@@ -545,6 +563,72 @@ class _BadLine(Exception):
         self.reason = reason
 
 
+def _blockwise_read(path: Path, layout: _Layout, data_config: DataConfig, report: ReadReport) -> pl.DataFrame:
+    """Line formats with a bad line somewhere: polars on 64 MiB blocks of whole lines, the
+    line reader only on the blocks polars rejects. A few bad lines in a Kindle-size dump
+    cost seconds instead of a Python pass over millions of lines."""
+    frames = []
+    lines_before = 0
+
+    def parse(block: bytes) -> None:
+        nonlocal lines_before
+        try:
+            frame = _fast_read(block, layout)
+            distinct = {column: frame.get_column(column).unique() for column in ("user", "item")}
+            _check_values(frame, distinct, data_config.normalize_ids)
+        except (pl.exceptions.PolarsError, _NeedsLineReader, UnicodeDecodeError):
+            lines = _split_lines(path, block, lines_before, report, data_config.skip_bad_lines)
+            frame = _line_read(path, layout, data_config, report, lines)
+        frames.append(frame)
+        lines_before += block.count(b"\n")
+
+    pieces: list[bytes] = []
+    size = 0
+    for chunk in _raw_chunks(path, layout.gzip, chunk_size=min(1 << 22, _BLOCK_BYTES)):
+        pieces.append(chunk)
+        size += len(chunk)
+        if size >= _BLOCK_BYTES:
+            block = b"".join(pieces)
+            cut = block.rfind(b"\n") + 1
+            if cut == 0:  # one line longer than a block: keep reading
+                pieces, size = [block], len(block)
+                continue
+            parse(block[:cut])
+            pieces, size = [block[cut:]], len(block) - cut
+    block = b"".join(pieces)
+    if block:
+        parse(block)
+    if not frames:
+        return _line_read(path, layout, data_config, report, iter(()))
+    frame = pl.concat(frames, how="vertical")
+    positions = pl.int_range(pl.len(), dtype=pl.Int64)
+    if "timestamp" not in layout.columns:  # file position is the time: count across blocks
+        frame = frame.with_columns(positions.alias("timestamp"))
+    return frame.with_columns(positions.alias("row"))
+
+
+def _split_lines(
+    path: Path, block: bytes, lines_before: int, report: ReadReport, skip: bool
+) -> Iterator[tuple[int, str]]:
+    for offset, raw in enumerate(block.split(b"\n")[:-1] if block.endswith(b"\n") else block.split(b"\n")):
+        line_no = lines_before + offset + 1
+        text = _decode_line(path, raw, line_no, report, skip)
+        if text is not None:
+            yield line_no, text
+
+
+def _decode_line(path: Path, raw: bytes, line_no: int, report: ReadReport, skip: bool) -> Optional[str]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        _bad(path, line_no, "not UTF-8 text", report, skip)
+        return None
+    if "\x00" in text:
+        _bad(path, line_no, "binary data (NUL byte)", report, skip)
+        return None
+    return text.rstrip("\n").rstrip("\r")
+
+
 def _decoded_lines(path: Path, layout: _Layout, report: ReadReport, skip: bool) -> Iterator[tuple[int, str]]:
     """(line number, text without the newline) for every physical line; bad UTF-8 lines are
     skipped (and counted) or raise."""
@@ -553,15 +637,9 @@ def _decoded_lines(path: Path, layout: _Layout, report: ReadReport, skip: bool) 
         with _open_binary(path, layout.gzip) as handle:
             for raw in handle:
                 line_no += 1
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    _bad(path, line_no, "not UTF-8 text", report, skip)
-                    continue
-                if "\x00" in text:
-                    _bad(path, line_no, "binary data (NUL byte)", report, skip)
-                    continue
-                yield line_no, text.rstrip("\n").rstrip("\r")
+                text = _decode_line(path, raw, line_no, report, skip)
+                if text is not None:
+                    yield line_no, text
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise DataError(f"{path}: {_gzip_problem(exc)} after line {line_no}") from None
 
@@ -627,7 +705,14 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _line_read(path: Path, layout: _Layout, data_config: DataConfig, report: ReadReport) -> pl.DataFrame:
+def _line_read(
+    path: Path,
+    layout: _Layout,
+    data_config: DataConfig,
+    report: ReadReport,
+    lines: Optional[Iterator[tuple[int, str]]] = None,
+) -> pl.DataFrame:
+    """The reference reader: every line through Python (``lines``: a part of the file)."""
     skip = data_config.skip_bad_lines
     normalize = data_config.normalize_ids
     users: list[str] = []
@@ -653,7 +738,8 @@ def _line_read(path: Path, layout: _Layout, data_config: DataConfig, report: Rea
         stamps.append(parsed[2])
         ratings.append(parsed[3])
 
-    lines = _decoded_lines(path, layout, report, skip)
+    if lines is None:
+        lines = _decoded_lines(path, layout, report, skip)
     if fmt in _JSON_FORMATS:
         for line_no, text in lines:
             if not text.strip():
