@@ -57,6 +57,7 @@ CASES = [
     ("pairs_missing_item.txt", "expected 2 fields", 3, ["--format", "sasrec_pairs"]),
     ("extra_field.csv", "expected 3 fields, found 4", 3, []),
     ("unknown_format.txt", "cannot detect the format", 1, []),
+    ("space_separated_table.data", "every line has 4 space-separated fields", 1, []),
     ("single_user.csv", "nothing left after the 5-core", None, ["--set", "data.k_core=5"]),
     ("everything_removed_by_k_core.csv", "lower data.k_core", None, ["--set", "data.k_core=5"]),
 ]
@@ -109,10 +110,11 @@ def assert_nothing_written(out: Path):
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")] == []
 
 
-def test_corpus_has_at_least_twenty_cases():
+def test_corpus_has_at_least_twenty_cases_and_every_file_is_used():
     files = {p.name for p in CORPUS.iterdir()}
-    assert {case[0] for case in CASES} <= files
-    assert len(CASES) + 4 >= 20  # plus the generated cases below
+    used = {case[0] for case in CASES} | {"ids_case_and_unicode.csv"}
+    assert files == used
+    assert len(CASES) >= 20  # plus the generated gzip, binary and long-line cases below
 
 
 @pytest.mark.parametrize("name, fragment, line, extra", CASES, ids=[c[0] for c in CASES])

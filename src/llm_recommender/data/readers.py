@@ -302,6 +302,14 @@ def sniff_layout(path: Path, data_config: DataConfig) -> _Layout:
             counts = [len(line.split()) for _, line in numbered[:200]]
             if all(c == 2 for c in counts):
                 fmt = "sasrec_pairs"
+            elif len(counts) > 1 and len(set(counts)) == 1:
+                # Every line the same width > 2 looks like a table (a space-separated u.data?),
+                # not one sequence per user: refuse to guess.
+                raise DataError(
+                    f"{path}: line {first_no}: every line has {counts[0]} space-separated fields: "
+                    f"a table or one sequence per user? Set data.format (sasrec_sequences for "
+                    f"'user item1 item2 ...', or a csv with a header and data.delimiter)"
+                )
             elif all(c >= 2 for c in counts) and max(counts) > 2:
                 fmt = "sasrec_sequences"
             else:
