@@ -349,6 +349,16 @@ class StageATrainer:
         # examples 1 process with batch N x B sees.
         return [batch[self.rank * size : (self.rank + 1) * size] for batch in global_batches]
 
+    def _position_weight(self, batch: dict[str, torch.Tensor]) -> float:
+        """Weight of this process's loss so that DDP's gradient average equals the gradient
+        of the mean over all processes' target positions (each process's loss is a mean over
+        its own positions, and processes hold different numbers of them)."""
+        if self.world == 1:
+            return 1.0
+        local = (batch["targets"] != 0).sum().to(torch.float64)
+        total = self.accelerator.reduce(local.clone(), reduction="sum")
+        return float(local * self.world / total.clamp_min(1))
+
     def _optimizer_step(self) -> float | None:
         grad_norm = None
         max_norm = self.config.stage_a.max_grad_norm
@@ -379,9 +389,10 @@ class StageATrainer:
             last_micro = (index + 1) % accumulation == 0
             batch = self._batch_tensors(micro[index])
             sync = nullcontext() if last_micro else self.accelerator.no_sync(self.wrapped)
+            scale = self._position_weight(batch) / accumulation
             with sync, self.accelerator.autocast():
                 losses = self.wrapped(batch)
-                self.accelerator.backward(losses["loss"] / accumulation)
+                self.accelerator.backward(losses["loss"] * scale)
             values = {term: float(losses[term].detach()) for term in LOSS_TERMS if term in losses}
             if not all(math.isfinite(v) for v in values.values()):
                 parts = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
@@ -524,7 +535,8 @@ class StageATrainer:
         payload = broadcast_object_list([result])[0] if self.world > 1 else result
         protocol = self.config.stage_a.eval_protocol
         metrics = dict(payload.get(protocol, {}))
-        metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        # Quality figures only: timings differ between otherwise identical runs.
+        metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and "second" not in k}
         metrics["protocol"] = protocol
         score = float(metrics.get("NDCG@10", -math.inf))
         improved = score > self.best_metric
@@ -582,18 +594,20 @@ class StageATrainer:
         for term in LOSS_TERMS:
             points = [(e["step"], e[term]) for e in train if term in e]
             if points and any(v != 0 for _, v in points):
-                axes[0].plot(*zip(*points), label=term)
+                axes[0].plot(*zip(*points), label=term, marker="." if len(points) < 3 else None)
         axes[0].set_xlabel("step")
         axes[0].set_ylabel("loss")
         axes[0].set_title("training loss terms")
-        axes[0].legend()
+        if axes[0].get_legend_handles_labels()[0]:
+            axes[0].legend()
         for key in ("valid_NDCG@10", "valid_HR@10"):
             points = [(e["epoch"], e[key]) for e in epochs if key in e]
             if points:
                 axes[1].plot(*zip(*points), marker="o", label=key)
         axes[1].set_xlabel("epoch")
         axes[1].set_title("validation")
-        axes[1].legend()
+        if axes[1].get_legend_handles_labels()[0]:
+            axes[1].legend()
         fig.tight_layout()
         tmp = self.output_dir / ".training_curves.png.tmp"
         fig.savefig(tmp, dpi=100, format="png")
