@@ -189,7 +189,8 @@ def test_negative_samples_not_below_catalogue_is_a_config_error(tiny_data, tmp_p
 
 @pytest.mark.slow
 def test_two_process_gloo_matches_one_process_with_doubled_batch(tiny_data, tmp_path):
-    """torchrun with 2 CPU processes (gloo) and batch B equals 1 process with batch 2B."""
+    """``accelerate launch --multi_gpu --num_processes 2`` on a CPU machine (2 processes,
+    gloo) with batch B equals 1 process with batch 2B."""
     common = [*TINY, "stage_a.max_steps=8", "stage_a.collaborative.use_bpr_loss=false",
               "stage_a.warmup_ratio=0", "stage_a.lr_schedule=constant", "stage_a.eval_max_users=50"]
     sets = lambda extra: [x for o in [*common, *extra] for x in ("--set", o)]  # noqa: E731
@@ -200,7 +201,8 @@ def test_two_process_gloo_matches_one_process_with_doubled_batch(tiny_data, tmp_
     double = tmp_path / "ddp"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
          "-m", "llm_recommender.cli", "train", "--data_dir", str(tiny_data), "--output_dir", str(double),
          *sets(["stage_a.batch_size=16"])],
         env=env, capture_output=True, text=True, timeout=600,

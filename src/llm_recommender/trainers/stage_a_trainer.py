@@ -550,7 +550,10 @@ class StageATrainer:
         return metrics
 
     def _log_epoch(self, losses: dict[str, float], metrics: dict[str, Any], seconds: float) -> None:
-        entry = {"kind": "epoch", "epoch": self.epoch, "step": self.global_step,
+        # After a full epoch self.epoch counts it; a run stopped mid-epoch reports the
+        # epoch it was in.
+        shown = self.epoch if self.step_in_epoch == 0 else self.epoch + 1
+        entry = {"kind": "epoch", "epoch": shown, "step": self.global_step,
                  "epoch_seconds": round(seconds, 2)}
         entry.update({f"train_{k}": v for k, v in losses.items()})
         entry.update({f"valid_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
@@ -562,7 +565,7 @@ class StageATrainer:
                 valid = " | valid " + " ".join(
                     f"{k}={metrics[k]:.4f}" for k in ("HR@10", "NDCG@10", "MRR") if k in metrics
                 )
-            print(f"epoch {self.epoch:3d} step {self.global_step:6d} loss={losses['loss']:.4f} {terms}{valid}"
+            print(f"epoch {shown:3d} step {self.global_step:6d} loss={losses['loss']:.4f} {terms}{valid}"
                   f" ({seconds:.1f}s)", flush=True)
 
     def _print_header(self) -> None:
@@ -632,7 +635,7 @@ def train_stage_a(config: Config, data_dir: Path, output_dir: Path, resume: bool
             clean_stale_temporaries(output_dir, name)
     if resume and not (output_dir / "last" / "checkpoint.json").is_file():
         raise TrainingError(f"{output_dir / 'last'}: nothing to resume from (no checkpoint there)")
-    if not resume and (output_dir / "last" / "checkpoint.json").is_file():
+    if not resume and int(os.environ.get("RANK", "0")) == 0 and (output_dir / "last" / "checkpoint.json").is_file():
         print(f"note: {output_dir} holds a previous run; starting over (use --resume to continue it)",
               file=sys.stderr)
     trainer = StageATrainer(config, data_dir, output_dir)
