@@ -137,3 +137,42 @@ def test_cli_generate_is_reproducible(tmp_path):
         assert "wrote" in result.stdout and "500 interactions" in result.stdout
         outputs.append((tmp_path / name).read_bytes())
     assert outputs[0] == outputs[1]
+
+
+def test_item_floor_covers_the_catalogue_and_changes_nothing_else():
+    # A catalogue much larger than the events reach: most of the Zipf tail is never drawn.
+    users, items, events = 500, 4_000, 30_000
+    plain = generate_interactions(users, items, events, seed=4)
+    floored = generate_interactions(users, items, events, seed=4, min_item_events=5)
+    before = np.bincount(plain.items, minlength=items)
+    after = np.bincount(floored.items, minlength=items)
+    assert (before < 5).sum() > 1_000  # the problem the floor solves
+    assert after.min() >= 5 and after.sum() == events
+    # Only the missing events moved, and only away from items above the floor.
+    moved = plain.items != floored.items
+    assert moved.sum() == np.maximum(5 - before, 0).sum()
+    assert (before[plain.items[moved]] > 5).all()
+    for name in ("users", "timestamps", "ratings", "user_cluster", "item_cluster"):
+        assert np.array_equal(getattr(plain, name), getattr(floored, name)), name
+    again = generate_interactions(users, items, events, seed=4, min_item_events=5)
+    assert np.array_equal(again.items, floored.items)
+
+
+def test_item_floor_keeps_every_item_through_five_core(tmp_path):
+    path = tmp_path / "gen.csv"
+    info = write_synthetic_logs(path, 400, 3_000, 20_000, "csv", seed=1, verbose=False, min_item_events=5)
+    assert info["num_items_in_file"] == 3_000
+    summary = run_preprocessing(Config(data=DataConfig(path=str(path))), tmp_path / "proc", verbose=False)
+    assert (summary["num_users"], summary["num_items"], summary["num_interactions"]) == (400, 3_000, 20_000)
+
+
+def test_item_floor_needs_enough_events(tmp_path):
+    with pytest.raises(DataError, match=r"--min-item-events=5: needs --interactions >= --items x 5 = 500 \(got 400\)"):
+        write_synthetic_logs(tmp_path / "x.json", 10, 100, 400, min_item_events=5, verbose=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "llm_recommender.cli", "generate", "--users", "20", "--items", "30",
+         "--interactions", "400", "--min-item-events", "5", "--format", "csv", "--output", str(tmp_path / "f.csv")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "30 items" in result.stdout

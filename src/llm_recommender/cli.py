@@ -52,6 +52,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         num_clusters=args.clusters,
         verbose=True,
+        min_item_events=args.min_item_events,
     )
     return 0
 
@@ -214,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clusters", type=int, default=None, help="taste clusters (default: scales with items)")
+    p.add_argument(
+        "--min-item-events", "--min_item_events", dest="min_item_events", type=int, default=0,
+        help="give every item at least this many events, so a k-core keeps the whole catalogue (default 0: none)",
+    )
     p.add_argument("--output", required=True, help="output file; .gz compresses")
     p.set_defaults(func=cmd_generate)
 

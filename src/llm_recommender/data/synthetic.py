@@ -12,6 +12,12 @@ sequential recommender learns and a popularity baseline cannot:
   likely), otherwise it is a fresh pick. This is what a sequence model can learn.
 - **Heavy-tailed lengths** (log-normal, at least 5 events per user when the budget allows,
   so a 5-core keeps nearly everyone) and **strictly increasing timestamps** per user.
+- **Optional catalogue floor** (``min_item_events``): a Zipf tail over a large catalogue is
+  mostly never drawn (100K users, 8M events, 349K items: only ~216K items survive a 5-core).
+  With a floor of ``m``, every item gets at least ``m`` events: events of items above the
+  floor, chosen at random, are given to the items below it. Those events are noise picks
+  (random user and position, outside the taste clusters and transitions); the users, lengths,
+  timestamps and ratings are those of the log without the floor.
 
 Everything is vectorised numpy: the one Python loop runs over sequence positions (all
 users at once), so the spec's Kindle scale (100K users, 349K items, 8M events) takes
@@ -103,6 +109,7 @@ def generate_interactions(
     transition_weights: tuple[float, ...] = (0.5, 0.25, 0.15, 0.10),
     min_length: int = 5,
     length_sigma: float = 1.2,
+    min_item_events: int = 0,
 ) -> SyntheticLog:
     """Generate a structured interaction log in memory.
 
@@ -118,8 +125,11 @@ def generate_interactions(
         transition_weights: probabilities of the 1st, 2nd, ... "next" item of a transition.
         min_length: shortest user sequence when ``num_interactions`` allows it.
         length_sigma: log-normal spread of the extra events per user (heavy tail).
+        min_item_events: give every item at least this many events (0: no floor), taking
+            them from items above the floor (see the module docstring); needs
+            ``num_interactions >= num_items * min_item_events``.
     """
-    _check_sizes(num_users, num_items, num_interactions)
+    _check_sizes(num_users, num_items, num_interactions, min_item_events)
     rng = np.random.default_rng(seed)
     num_clusters = int(num_clusters or default_num_clusters(num_items))
     num_clusters = max(1, min(num_clusters, num_items))
@@ -186,6 +196,9 @@ def generate_interactions(
     timestamps = cumulative - cumulative[first][users] + user_start[users]
 
     ratings = (rng.choice(5, size=num_interactions, p=_RATING_PROBS) + 1).astype(np.int8)
+    if min_item_events > 0:
+        # Its own random stream: everything above is the same with and without the floor.
+        _raise_item_floor(items, num_items, min_item_events, np.random.default_rng([seed, 2]))
     return SyntheticLog(
         users=users,
         items=items,
@@ -222,6 +235,28 @@ class _ClusterSampler:
         return self.order[np.minimum(position, self.last[clusters])]
 
 
+def _raise_item_floor(items: np.ndarray, num_items: int, floor: int, rng: np.random.Generator) -> None:
+    """Give every item at least ``floor`` events (in place), taken from items above the floor.
+
+    Each item above the floor offers its surplus (``count - floor``) events, picked at random
+    among its own; the events to reassign are drawn uniformly from those offers, so no donor
+    drops below the floor and the head items, which hold most of the surplus, give the most.
+    """
+    counts = np.bincount(items, minlength=num_items)
+    deficit = np.maximum(floor - counts, 0)
+    needed = int(deficit.sum())
+    if needed == 0:
+        return
+    surplus = np.maximum(counts - floor, 0)
+    shuffled = rng.permutation(len(items))
+    by_item = shuffled[np.argsort(items[shuffled], kind="stable")]  # grouped by item, random within
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank_in_item = np.arange(len(items)) - np.repeat(starts, counts)
+    offered = by_item[rank_in_item < np.repeat(surplus, counts)]
+    taken = rng.choice(offered, size=needed, replace=False)
+    items[taken] = rng.permutation(np.repeat(np.arange(num_items, dtype=items.dtype), deficit))
+
+
 def _user_lengths(
     num_users: int, total: int, min_length: int, sigma: float, rng: np.random.Generator
 ) -> np.ndarray:
@@ -236,7 +271,7 @@ def _user_lengths(
     return lengths
 
 
-def _check_sizes(num_users: int, num_items: int, num_interactions: int) -> None:
+def _check_sizes(num_users: int, num_items: int, num_interactions: int, min_item_events: int = 0) -> None:
     if num_users < 1:
         raise DataError(f"--users={num_users}: must be >= 1")
     if num_items < 2:
@@ -244,6 +279,13 @@ def _check_sizes(num_users: int, num_items: int, num_interactions: int) -> None:
     if num_interactions < num_users:
         raise DataError(
             f"--interactions={num_interactions}: must be >= --users={num_users} (one event per user at least)"
+        )
+    if min_item_events < 0:
+        raise DataError(f"--min-item-events={min_item_events}: must be >= 0")
+    if num_interactions < num_items * min_item_events:
+        raise DataError(
+            f"--min-item-events={min_item_events}: needs --interactions >= --items x {min_item_events} "
+            f"= {num_items * min_item_events} (got {num_interactions})"
         )
 
 
@@ -378,6 +420,7 @@ def write_synthetic_logs(
     num_clusters: int | None = None,
     verbose: bool = True,
     chunk_rows: int = 1_000_000,
+    min_item_events: int = 0,
 ) -> dict:
     """Generate a structured log and write it as a raw file (``.gz``: gzip level 1).
 
@@ -393,6 +436,8 @@ def write_synthetic_logs(
         num_clusters: taste clusters (``None``: grows with the catalogue).
         verbose: print what was written and how long it took.
         chunk_rows: events turned into text at a time (bounds memory).
+        min_item_events: every item gets at least this many events (0: no floor; see
+            :func:`generate_interactions`).
 
     Returns:
         dict with the counts, the file size and the seconds spent.
@@ -401,7 +446,9 @@ def write_synthetic_logs(
         raise DataError(f"--format={fmt!r}: must be one of {', '.join(FORMATS)}")
     path = Path(path)
     started = time.perf_counter()
-    log = generate_interactions(num_users, num_items, num_interactions, seed, num_clusters)
+    log = generate_interactions(
+        num_users, num_items, num_interactions, seed, num_clusters, min_item_events=min_item_events
+    )
     generated = time.perf_counter()
 
     # Amazon 2014/2018 files are grouped by product; the 2023 and plain CSV ones by user.
@@ -453,6 +500,7 @@ def write_synthetic_logs(
         "num_items_in_file": int(np.unique(log.items).size),
         "num_interactions": num_interactions,
         "num_clusters": log.num_clusters,
+        "min_item_events": min_item_events,
         "size_bytes": path.stat().st_size,
         "seconds_generate": round(generated - started, 2),
         "seconds_write": round(finished - generated, 2),
