@@ -157,8 +157,23 @@ def test_batch_with_different_lengths_equals_one_by_one(tmp_path):
         assert together[row].tolist() == alone[0].tolist()
         np.testing.assert_allclose(together_scores[row], alone_scores[0], rtol=1e-6)
     # Right padding: bob (2 items) is padded with zeros after his items.
-    _, item_seq = rec.model.calls[0]
-    assert item_seq[1].tolist() == [rec.item_to_index("c"), rec.item_to_index("a"), 0, 0]
+    user_ids, item_seq = rec.model.calls[0]
+    bob = user_ids.tolist().index(rec.user_to_index("bob"))
+    assert item_seq[bob].tolist() == [rec.item_to_index("c"), rec.item_to_index("a"), 0, 0]
+
+
+def test_length_groups_are_trimmed_and_states_come_back_in_order(tmp_path, monkeypatch):
+    import llm_recommender.serving.recommend as recommend
+
+    rec, _ = fake_recommender(tmp_path)
+    expected, expected_scores = rec.recommend_users(np.array([3, 1, 2]), k=5)
+    monkeypatch.setattr(recommend, "STATE_GROUP_ROWS", 1)
+    rec.model.calls.clear()
+    got, got_scores = rec.recommend_users(np.array([3, 1, 2]), k=5)
+    assert got.tolist() == expected.tolist()
+    np.testing.assert_allclose(got_scores, expected_scores, rtol=1e-6)
+    # Shortest history first, each pass only as wide as its own history.
+    assert [tuple(seq.shape) for _, seq in rec.model.calls] == [(1, 2), (1, 4), (1, 4)]
 
 
 def test_chunking_by_score_budget_gives_the_same_answer(tmp_path):
@@ -318,6 +333,23 @@ def test_real_checkpoint_matches_full_sort_predict(tiny_checkpoint):
         assert items[user - 1].tolist() == top.indices.tolist()
         np.testing.assert_allclose(scores[user - 1], top.values.numpy(), rtol=1e-5, atol=1e-6)
         assert not set(items[user - 1].tolist()) & set(history.tolist())
+
+
+def test_length_grouped_states_equal_one_padded_forward(tiny_checkpoint, monkeypatch):
+    import llm_recommender.serving.recommend as recommend
+
+    rec = Recommender.from_checkpoint(tiny_checkpoint[0])
+    users = np.arange(1, rec.num_users + 1)
+    monkeypatch.setattr(recommend, "STATE_GROUP_ROWS", 7)
+    grouped = rec.user_states(users)
+    # Reference: one batch right-padded to the longest history, straight through the model.
+    histories = [rec.history_of(int(u))[-rec.max_seq_len :] for u in users]
+    padded = np.zeros((len(users), max(len(h) for h in histories)), dtype=np.int64)
+    for row, history in enumerate(histories):
+        padded[row, : len(history)] = history
+    with torch.inference_mode():
+        reference = rec.model.user_state(torch.from_numpy(users), torch.from_numpy(padded)).numpy()
+    np.testing.assert_allclose(grouped, reference, rtol=1e-4, atol=1e-5)
 
 
 def test_missing_data_folder_says_pass_data_dir(tiny_checkpoint, tmp_path):

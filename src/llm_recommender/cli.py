@@ -261,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-seen", "--keep_seen", dest="keep_seen", action="store_true",
                    help="do not exclude items already in the user's history")
     p.add_argument("--output", default=None, help="with --all-users: FILE.parquet or FILE.jsonl")
-    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=512)
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=4096,
+                   help="with --all-users: users per pass (capped so scores stay under 128 MB)")
     p.set_defaults(func=cmd_recommend)
 
     p = sub.add_parser("export-embeddings", help="item/user vectors as .npy (+ FAISS index)")

@@ -43,6 +43,9 @@ from ..io_utils import sha256_file
 #: Floats of the (users, items) score matrix held at once (128 MB of float32).
 DEFAULT_SCORE_BUDGET = 1 << 25
 
+#: Rows per forward pass when computing user states (groups of similar history length).
+STATE_GROUP_ROWS = 256
+
 #: Overrides the serving commands accept: the model itself is fixed by the checkpoint.
 SERVING_OVERRIDE_SECTIONS = ("serving.", "runtime.")
 
@@ -255,21 +258,11 @@ class Recommender:
         flat_items = np.asarray(flat_items, dtype=np.int64)
         batch = len(users)
         k = min(int(k), self.num_items)
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)  # (B,)
-        # Model input: the last max_seq_len items, right-padded with 0.
-        taken = np.minimum(lengths, self.max_seq_len)  # (B,)
-        width = max(1, int(taken.max(initial=0)))
-        column = np.arange(width)[None, :]  # (1, T)
-        source = starts[:, None] + (lengths - taken)[:, None] + column  # (B, T)
-        valid = column < taken[:, None]
-        item_seq = np.where(valid, flat_items[np.minimum(source, max(len(flat_items) - 1, 0))], 0)
         exclude = np.broadcast_to(np.asarray(exclude_seen, dtype=bool), (batch,))
         rows = np.repeat(np.arange(batch), lengths)  # (N,) owner row of each history item
         keep = exclude[rows]
+        states = self._states(users, flat_items, lengths)  # (B, d)
         with torch.inference_mode():
-            user_tensor = torch.from_numpy(users).to(self.device)
-            seq_tensor = torch.from_numpy(item_seq).to(self.device)
-            states = self.model.user_state(user_tensor, seq_tensor).float()  # (B, d)
             scores = states @ self.item_table.T  # (B, I+1)
             scores[:, 0] = float("-inf")
             if keep.any():
@@ -282,6 +275,38 @@ class Recommender:
         top_scores = top_scores.cpu().numpy().astype(np.float32)
         top_items[~np.isfinite(top_scores)] = 0
         return top_items, top_scores
+
+    def _states(self, users: np.ndarray, flat_items: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
+        """``model.user_state`` of each row, in length-sorted groups trimmed to their longest row.
+
+        The model reads the last ``max_seq_len`` items, right-padded. A batch padded to its
+        longest history wastes most of the forward on short-history users (Beauty: p50 6
+        events, padded to 50); rows are grouped by length instead, each group cut to its own
+        width, and the states put back in input order. Right padding makes a row's state
+        independent of the width it was padded to.
+
+        Returns:
+            (B, d) float32 on the model's device.
+        """
+        batch = len(users)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)  # (B,)
+        taken = np.minimum(lengths, self.max_seq_len)  # (B,) items the model reads
+        order = np.argsort(taken, kind="stable")  # shortest first
+        last = max(len(flat_items) - 1, 0)
+        with torch.inference_mode():
+            states = torch.empty((batch, self.item_table.shape[1]), dtype=torch.float32, device=self.device)
+            for begin in range(0, batch, STATE_GROUP_ROWS):
+                group = order[begin : begin + STATE_GROUP_ROWS]  # (G,)
+                width = max(1, int(taken[group].max()))
+                column = np.arange(width)[None, :]  # (1, T)
+                source = (starts[group] + lengths[group] - taken[group])[:, None] + column  # (G, T)
+                valid = column < taken[group][:, None]
+                item_seq = np.where(valid, flat_items[np.minimum(source, last)], 0)  # (G, T) right-padded
+                group_states = self.model.user_state(
+                    torch.from_numpy(users[group]).to(self.device), torch.from_numpy(item_seq).to(self.device)
+                )  # (G, d)
+                states[torch.from_numpy(group).to(self.device)] = group_states.float()
+        return states
 
     def _user_histories(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(flat items, lengths) of known users' whole sequences, vectorised."""
@@ -364,29 +389,17 @@ class Recommender:
             (B, d_rec) float32.
         """
         user_indices = np.asarray(user_indices, dtype=np.int64)
-        out = []
+        out = [np.zeros((0, self.item_table.shape[1]), np.float32)]
         for start in range(0, len(user_indices), batch_size):
             chunk = user_indices[start : start + batch_size]
             flat, lengths = self._user_histories(chunk)
-            taken = np.minimum(lengths, self.max_seq_len)
-            width = max(1, int(taken.max(initial=0)))
-            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-            column = np.arange(width)[None, :]
-            source = starts[:, None] + (lengths - taken)[:, None] + column
-            item_seq = np.where(column < taken[:, None], flat[np.minimum(source, len(flat) - 1)], 0)
-            with torch.inference_mode():
-                states = self.model.user_state(
-                    torch.from_numpy(chunk).to(self.device), torch.from_numpy(item_seq).to(self.device)
-                )
-            out.append(states.float().cpu().numpy())
-        if not out:
-            return np.zeros((0, self.item_table.shape[1]), np.float32)
-        return np.concatenate(out).astype(np.float32)
+            out.append(self._states(chunk, flat, lengths).cpu().numpy().astype(np.float32))
+        return np.concatenate(out)
 
     # ------------------------------------------------------------------ all users
 
     def iter_all(
-        self, k: int, batch_size: int = 512, exclude_seen: bool = True
+        self, k: int, batch_size: int = 4096, exclude_seen: bool = True
     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Every known user's top-K, one chunk at a time: (users, items, scores)."""
         step = max(1, min(int(batch_size), self.users_per_chunk()))
@@ -400,7 +413,7 @@ class Recommender:
         self,
         output: str | Path,
         k: int = 10,
-        batch_size: int = 512,
+        batch_size: int = 4096,
         exclude_seen: bool = True,
         progress: bool = False,
     ) -> dict:
@@ -418,7 +431,8 @@ class Recommender:
         Args:
             output: destination file.
             k: results per user.
-            batch_size: users per forward pass (capped by ``score_budget``).
+            batch_size: users per pass (capped by ``score_budget``); larger passes group
+                histories of similar length better (Beauty, 1 thread: 13 s at 1024, 8 s at 4096).
             exclude_seen: drop items the user already interacted with.
             progress: print a line per 10% of users to stderr.
 
