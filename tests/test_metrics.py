@@ -59,9 +59,9 @@ def test_padding_columns_are_masked():
     assert ranks_from_candidate_scores(scores).tolist() == [3]
 
 
-def test_nan_scores_rank_last():
+def test_nan_scores_count_against_the_positive():
     scores = torch.tensor([[float("nan"), 0.1, 0.2], [0.5, float("nan"), 0.2]])
-    assert ranks_from_candidate_scores(scores).tolist() == [2, 0]
+    assert ranks_from_candidate_scores(scores).tolist() == [2, 1]
     full = torch.full((1, 4), float("nan"))
     assert ranks_from_full_scores(full, torch.tensor([2])).tolist() == [3]
 
