@@ -201,8 +201,12 @@ def _sample_negatives(
     starts = offsets[users]
     lengths = offsets[users + 1] - starts
     rows = np.repeat(np.arange(n, dtype=np.int64), lengths)
-    seen_keys = np.unique(rows * stride + all_items[_concat_ranges(starts, lengths)])
+    seen_keys = rows * stride + all_items[_concat_ranges(starts, lengths)]
     del rows
+    # Sort and drop repeats (np.unique's hash path was 7x slower on 8M keys).
+    seen_keys.sort()
+    if len(seen_keys):
+        seen_keys = seen_keys[np.concatenate([[True], seen_keys[1:] != seen_keys[:-1]])]
     seen_rows = seen_keys // stride
     seen_items = seen_keys - seen_rows * stride
     seen_count = np.bincount(seen_rows, minlength=n)
@@ -224,8 +228,8 @@ def _sample_negatives(
         return np.searchsorted(cdf, rng.random(size=shape), side="right").astype(np.int64)
 
     easy = np.flatnonzero((unseen_fraction >= 0.5) & (available >= 2 * num_negatives))
-    exact = np.zeros(n, dtype=bool)
-    exact[np.setdiff1d(np.arange(n), easy)] = True
+    exact = np.ones(n, dtype=bool)
+    exact[easy] = False
 
     per_round = 2 * num_negatives + 16  # enough for one round when half the mass is unseen
     for block_start in range(0, len(easy), _REJECTION_BLOCK):
