@@ -113,7 +113,8 @@ def test_input_sequences_are_the_last_items_right_padded(tmp_path):
     assert seq.tolist() == [[3, 4, 5], [7, 8, 0]]
     users, positions = data.eval_examples("valid")
     seq = input_sequences(np.asarray(data.items), np.asarray(data.offsets), users, positions, 6)
-    assert seq.tolist() == [[1, 2, 3, 4, 0, 0], [7, 0, 0, 0, 0, 0]]
+    # As wide as the longest history (4), not max_seq_len (6).
+    assert seq.tolist() == [[1, 2, 3, 4], [7, 0, 0, 0]]
 
 
 # ------------------------------------------------------------------------------ candidates

@@ -93,12 +93,14 @@ def input_sequences(
         max_seq_len: T.
 
     Returns:
-        ``(B, T)`` int64.
+        ``(B, T)`` int64, T = the longest kept history (at most ``max_seq_len``).
     """
     positions = np.asarray(positions, dtype=np.int64)
     history_lengths = positions - np.asarray(offsets)[users]  # (B,)
     kept = np.minimum(history_lengths, max_seq_len)  # (B,)
-    columns = np.arange(max_seq_len, dtype=np.int64)  # (T,)
+    # As wide as the longest kept history: no column of padding only.
+    width = max(1, int(kept.max())) if len(kept) else 1
+    columns = np.arange(width, dtype=np.int64)  # (T,)
     flat = (positions - kept)[:, None] + columns[None, :]  # (B, T)
     inside = columns[None, :] < kept[:, None]  # (B, T)
     seq = np.where(inside, np.asarray(items)[np.where(inside, flat, 0)], 0)
@@ -572,6 +574,11 @@ def evaluate(
     device = torch.device(device)
     batch_size = eval_config.batch_size
     all_ranks: dict[str, np.ndarray] = {}
+    # Users are scored in order of history length, so a batch is as wide as its own longest
+    # history (short Amazon histories then cost a fraction of max_seq_len). Ranks go back to
+    # their users' slots, so the order changes nothing in the results.
+    history_lengths = np.minimum(positions[selection] - offsets[users[selection]], max_seq_len)
+    visit = np.argsort(history_lengths, kind="stable")
     with _TrainingModes(scorer), torch.inference_mode():
         for protocol in protocols:
             ranks = np.empty(len(selection), dtype=np.int64)
@@ -582,7 +589,8 @@ def evaluate(
                 batches = tqdm(batches, desc=f"{split} {protocol}", unit="batch", leave=False)
             started = time.perf_counter()
             for start in batches:
-                rows = selection[start : start + batch_size]
+                slots = visit[start : start + batch_size]
+                rows = selection[slots]
                 batch_users, batch_positions = users[rows], positions[rows]
                 seq = input_sequences(items, offsets, batch_users, batch_positions, max_seq_len)
                 user_ids = torch.from_numpy(batch_users).to(device)  # (B,)
@@ -611,7 +619,7 @@ def evaluate(
                     # Repeat consumption: the target stays rankable even if it is in the history.
                     scores.scatter_(1, batch_targets, target_scores)
                     batch_ranks = ranks_from_full_scores(scores, batch_targets.view(-1))
-                ranks[start : start + len(rows)] = batch_ranks.cpu().numpy()
+                ranks[slots] = batch_ranks.cpu().numpy()
             seconds = time.perf_counter() - started
             metrics = metrics_from_ranks(ranks, eval_config.ks)
             metrics["seconds"] = round(seconds, 3)
