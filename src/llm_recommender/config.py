@@ -298,6 +298,10 @@ class CrossEntropyConfig:
     chunk_size is lowered to fit, e.g. to ~380 positions at 349K items."""
     num_sampled: int = 1024
     """Shared negatives per batch in ``sampled`` mode."""
+    proposal: Literal["popularity", "uniform"] = "popularity"
+    """Distribution the ``sampled`` mode draws negatives from: ``popularity`` (training counts)
+    approximates the full softmax with log-Q; ``uniform`` trains the positive against random
+    items, which is what the sampled 1+100 protocol measures."""
     logq_correction: bool = True
     """Subtract log of the sampling probability from sampled logits (unbiased softmax)."""
     label_smoothing: float = 0.0

@@ -25,11 +25,8 @@ scores); :meth:`Recommender.recommend_all` streams each chunk to the output file
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -38,7 +35,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, DataError, LLMRecError
-from ..io_utils import sha256_file
+from ..io_utils import atomic_file, sha256_file
 
 #: Floats of the (users, items) score matrix held at once (128 MB of float32).
 DEFAULT_SCORE_BUDGET = 1 << 25
@@ -449,7 +446,7 @@ class Recommender:
         began = time.perf_counter()
         rows = 0
         next_report = 0.1
-        with _atomic_file(output) as tmp:
+        with atomic_file(output) as tmp:
             writer = _ParquetSink(tmp) if suffix == ".parquet" else _JsonlSink(tmp)
             try:
                 for users, items, scores in self.iter_all(k, batch_size, exclude_seen):
@@ -510,22 +507,6 @@ class _JsonlSink:
 
     def close(self) -> None:
         self.handle.close()
-
-
-@contextlib.contextmanager
-def _atomic_file(path: Path) -> Iterator[Path]:
-    """A temporary file next to ``path``, renamed onto it when the block succeeds."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _short(text: str, limit: int = 100) -> str:

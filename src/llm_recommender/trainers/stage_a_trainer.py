@@ -191,7 +191,7 @@ class StageATrainer:
         from ..models.stage_a_model import StageAModel
 
         self.model = StageAModel(config, self.data.num_users, self.data.num_items)
-        if config.stage_a.ce.mode == "sampled" and hasattr(self.model, "set_item_sampling_distribution"):
+        if config.stage_a.ce.mode == "sampled" and config.stage_a.ce.proposal == "popularity":
             self.model.set_item_sampling_distribution(torch.from_numpy(self.data.item_popularity()))
         self.model.to(self.device)
         self.optimizers = build_optimizers(self.model, config)
