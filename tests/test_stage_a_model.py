@@ -129,9 +129,11 @@ def _padded_pair(item_lists, width):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("use_user_token", [True, False])
-def test_left_and_right_padding_give_the_same_user_state(family, use_user_token):
+@pytest.mark.parametrize("anchor", ["start", "end"])
+def test_left_and_right_padding_give_the_same_user_state(family, use_user_token, anchor):
     torch.manual_seed(0)
-    config = _config(*RANDOM_TINY[family], f"model.use_user_token={str(use_user_token).lower()}")
+    config = _config(*RANDOM_TINY[family], f"model.use_user_token={str(use_user_token).lower()}",
+                     f"model.position_anchor={anchor}")
     model = build_model(config, NUM_USERS, NUM_ITEMS).eval()
     left, right = _padded_pair([[3, 4, 5], [7, 8, 9, 10, 11, 12], [1]], SEQ_LEN)
     users = torch.tensor([1, 2, 3])
@@ -141,6 +143,26 @@ def test_left_and_right_padding_give_the_same_user_state(family, use_user_token)
         unpadded = model.user_state(users[:1], torch.tensor([[3, 4, 5]]))
     assert (a - b).abs().max() < 1e-5
     assert (a[:1] - unpadded).abs().max() < 1e-5
+
+
+def test_end_anchor_puts_the_last_item_at_a_fixed_position(monkeypatch):
+    torch.manual_seed(0)
+    model = build_model(_config(*RANDOM_TINY["gpt2"], "model.position_anchor=end"), NUM_USERS, NUM_ITEMS).eval()
+    seen = {}
+    original = model.backbone.forward
+
+    def spy(*args, **kwargs):
+        seen["position_ids"] = kwargs["position_ids"]
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model.backbone, "forward", spy)
+    left, right = _padded_pair([[3, 4, 5], [7, 8, 9, 10, 11, 12]], SEQ_LEN)
+    with torch.no_grad():
+        model(torch.tensor([1, 2]), right)
+    positions = seen["position_ids"]  # (B, 1 + SEQ_LEN), right padding: last item at 1 + len - 1
+    last = SEQ_LEN  # user token + max_seq_len tokens: the last visible one sits at max_seq_len
+    assert positions[0, 3].item() == last and positions[1, 6].item() == last
+    assert positions[0, :4].tolist() == [last - 3, last - 2, last - 1, last]
 
 
 def test_histories_longer_than_max_seq_len_keep_the_most_recent_items():

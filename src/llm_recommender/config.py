@@ -184,6 +184,11 @@ class ModelConfig:
     """Dropout on the soft-token embeddings before the backbone."""
     max_seq_len: int = 50
     """Most recent items fed to the model (SASRec: 50 on Amazon, 200 on MovieLens)."""
+    position_anchor: Literal["start", "end"] = "start"
+    """Position ids count from the first visible token (``start``, as a language model reads)
+    or are shifted so the most recent token always has the same position (``end``, as
+    SASRec's left-padded positions do). Only absolute-position backbones (GPT-2) see a
+    difference; rotary ones (Llama, Qwen2) are shift-invariant."""
     use_user_token: bool = True
     """Prepend the user soft token ``[user, item_1, ..., item_T]``; false feeds items only."""
     unknown_user_prob: float = 0.0

@@ -273,6 +273,7 @@ class StageAModel(nn.Module):
         self.num_items = num_items
         self.use_user_token = model_config.use_user_token
         self.max_seq_len = model_config.max_seq_len
+        self.position_anchor = model_config.position_anchor
         ce = config.stage_a.ce
         weights = config.stage_a.loss_weights
         if config.embeddings.sparse and ce.mode == "full" and weights.cross_entropy > 0:
@@ -345,6 +346,11 @@ class StageAModel(nn.Module):
             mask = item_mask  # (B, T)
         tokens = self.embedding_dropout(tokens)
         position_ids = (mask.long().cumsum(dim=1) - 1).clamp_min(0)  # (B, S)
+        if self.position_anchor == "end":
+            # The last visible token sits at position max_seq_len (- 1 without the user token),
+            # whatever the history length.
+            longest = self.max_seq_len + (1 if self.use_user_token else 0)
+            position_ids = position_ids + (longest - mask.long().sum(dim=1, keepdim=True)).clamp_min(0)
         output = self.backbone(
             inputs_embeds=tokens.to(self._backbone_dtype()),
             attention_mask=mask.long(),
