@@ -214,6 +214,10 @@ def test_two_process_gloo_matches_one_process_with_doubled_batch(tiny_data, tmp_
     # Same examples and the same loss normalisation per global step: equal up to the order
     # of floating-point sums, which Adam's normalisation amplifies in rows whose gradient is
     # tiny (an update is ~lr=3e-3 whatever the gradient's size). Without the loss weighting
-    # of StageATrainer._position_weight the difference was 0.004.
+    # of StageATrainer._position_weight the largest difference was 0.004.
+    # Measured: mean differences <= 3e-6 per tensor, the largest single entry 1e-3 (one user
+    # row coordinate whose Adam update flipped sign); a batch split wrongly between processes
+    # moves the weights by ~lr per step (3e-3) everywhere.
     for key in a:
-        assert torch.allclose(a[key], b[key], atol=1e-3, rtol=0), (key, (a[key] - b[key]).abs().max())
+        diff = (a[key] - b[key]).abs()
+        assert float(diff.mean()) < 2e-5 and float(diff.max()) < 5e-3, (key, float(diff.mean()), float(diff.max()))
