@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,23 +18,7 @@ from llm_recommender.evaluation.baselines import (
     get_baseline,
 )
 from llm_recommender.evaluation.evaluator import evaluate
-
-
-def write_processed(folder: Path, sequences: list[list[int]], num_items: int) -> ProcessedData:
-    """A processed folder (docs/data_format.md) with leave-one-out labels, written directly."""
-    folder.mkdir(parents=True, exist_ok=True)
-    offsets = np.concatenate([[0, 0], np.cumsum([len(s) for s in sequences])]).astype(np.int64)
-    items = np.concatenate([np.asarray(s, dtype=np.int32) for s in sequences])
-    labels = np.concatenate([np.array([0] * (len(s) - 2) + [1, 2], dtype=np.uint8) for s in sequences])
-    for name, array in (("offsets", offsets), ("items", items), ("split", labels),
-                        ("timestamps", np.arange(len(items), dtype=np.int64))):
-        np.save(folder / f"seq_{name}.npy", array)
-    (folder / "user_ids.txt").write_text("".join(f"u{i}\n" for i in range(len(sequences))))
-    (folder / "item_ids.txt").write_text("".join(f"i{i}\n" for i in range(num_items)))
-    meta = {"format_version": 1, "num_users": len(sequences), "num_items": num_items,
-            "num_interactions": len(items), "source": {"sha256": "test"}}
-    (folder / "meta.json").write_text(json.dumps(meta))
-    return ProcessedData(folder)
+from processed_helpers import write_processed  # noqa: E402  (tests/ is on sys.path)
 
 
 def hand_data(tmp_path) -> ProcessedData:

@@ -23,33 +23,7 @@ from llm_recommender.evaluation.evaluator import (
     sample_candidates,
     save_candidates,
 )
-
-
-def write_processed(folder: Path, sequences: list[list[int]], num_items: int | None = None) -> ProcessedData:
-    """A processed folder (docs/data_format.md) with leave-one-out labels, written directly."""
-    folder.mkdir(parents=True, exist_ok=True)
-    num_items = num_items or max(max(s) for s in sequences)
-    lengths = [0] + [len(s) for s in sequences]  # user 0 is empty
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    items = np.concatenate([np.asarray(s, dtype=np.int32) for s in sequences])
-    labels = np.concatenate(
-        [np.array([0] * (len(s) - 2) + [1, 2] if len(s) >= 3 else [0] * len(s), dtype=np.uint8) for s in sequences]
-    )
-    np.save(folder / "seq_offsets.npy", offsets)
-    np.save(folder / "seq_items.npy", items)
-    np.save(folder / "seq_timestamps.npy", np.arange(len(items), dtype=np.int64))
-    np.save(folder / "seq_split.npy", labels)
-    (folder / "user_ids.txt").write_text("".join(f"u{i}\n" for i in range(1, len(sequences) + 1)))
-    (folder / "item_ids.txt").write_text("".join(f"i{i}\n" for i in range(1, num_items + 1)))
-    meta = {
-        "format_version": 1,
-        "num_users": len(sequences),
-        "num_items": num_items,
-        "num_interactions": int(len(items)),
-        "source": {"sha256": "test-" + folder.name},
-    }
-    (folder / "meta.json").write_text(json.dumps(meta))
-    return ProcessedData(folder)
+from processed_helpers import write_processed  # noqa: E402  (tests/ is on sys.path)
 
 
 def random_data(folder: Path, num_users: int, num_items: int, seed: int = 0, max_len: int = 12) -> ProcessedData:

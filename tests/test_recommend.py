@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from llm_recommender.serving.recommend import Recommender, UnknownIdError
+from processed_helpers import write_processed as write_indexed  # noqa: E402  (tests/ is on sys.path)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,40 +26,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_processed(folder: Path, sequences: dict[str, list[str]]) -> Path:
-    """Write a processed dataset (docs/data_format.md) from {user id: [item ids, oldest first]}.
-
-    Users and items are numbered by first appearance; splits are leave-one-out.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    user_ids = list(sequences)
+    """A processed dataset from {user id: [item ids, oldest first]}; users and items are
+    numbered by first appearance, splits are leave-one-out."""
     item_index: dict[str, int] = {}
     for items in sequences.values():
         for item in items:
             item_index.setdefault(item, len(item_index) + 1)
-    offsets = [0, 0]
-    flat, splits = [], []
-    for user in user_ids:
-        items = sequences[user]
-        flat.extend(item_index[i] for i in items)
-        labels = [0] * len(items)
-        if len(items) >= 3:
-            labels[-1], labels[-2] = 2, 1
-        splits.extend(labels)
-        offsets.append(len(flat))
-    np.save(folder / "seq_offsets.npy", np.array(offsets, dtype=np.int64))
-    np.save(folder / "seq_items.npy", np.array(flat, dtype=np.int32))
-    np.save(folder / "seq_timestamps.npy", np.arange(len(flat), dtype=np.int64))
-    np.save(folder / "seq_split.npy", np.array(splits, dtype=np.uint8))
-    (folder / "user_ids.txt").write_text("".join(f"{u}\n" for u in user_ids), encoding="utf-8")
-    (folder / "item_ids.txt").write_text("".join(f"{i}\n" for i in item_index), encoding="utf-8")
-    meta = {
-        "format_version": 1,
-        "num_users": len(user_ids),
-        "num_items": len(item_index),
-        "num_interactions": len(flat),
-        "split": "leave_one_out",
-    }
-    (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    indexed = [[item_index[i] for i in items] for items in sequences.values()]
+    write_indexed(folder, indexed, len(item_index), user_ids=list(sequences), item_ids=list(item_index))
     return folder
 
 
