@@ -39,6 +39,7 @@ from llm_recommender.data.dataset import ProcessedData, TrainWindows, epoch_batc
 
 RECIPES = {
     "sasrec_size": (REPO / "config" / "sasrec_size.yaml", []),
+    "beauty": (REPO / "config" / "beauty.yaml", ["stage_a.max_train_minutes=null"]),
     "gpt2_4x256": (
         REPO / "config" / "sasrec_size.yaml",
         ["model.num_layers=4", "model.hidden_size=256", "model.num_heads=4", "model.intermediate_size=1024"],

@@ -144,7 +144,10 @@ def test_kill_and_resume_matches_uninterrupted_run(tiny_data, tmp_path):
     metrics and weights equal an uninterrupted run's, bit for bit (CPU, same seed)."""
     args = ["train", "--data_dir", str(tiny_data)] + [x for o in [*TINY, "stage_a.num_epochs=4"] for x in ("--set", o)]
     reference = tmp_path / "reference"
+    started = time.monotonic()
     assert _run_cli([*args, "--output_dir", str(reference)]).returncode == 0
+    # Kill moments scale with this machine's speed (a fixed delay misses a fast run entirely).
+    duration = time.monotonic() - started
 
     run = tmp_path / "killed"
     rng = random.Random(0)
@@ -156,7 +159,7 @@ def test_kill_and_resume_matches_uninterrupted_run(tiny_data, tmp_path):
                                     "--output_dir", str(run), *resume], env=env,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if attempt < 3:
-            time.sleep(rng.uniform(4.0, 9.0))
+            time.sleep(rng.uniform(0.4, 0.9) * duration)
             if process.poll() is None:
                 process.send_signal(signal.SIGKILL)
                 kills += 1

@@ -110,7 +110,13 @@ def build_optimizers(model: torch.nn.Module, config: Config) -> list[torch.optim
     groups = [g for g in groups if g["params"]]
     optimizers: list[torch.optim.Optimizer] = []
     if groups:
-        optimizers.append(torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.98), eps=1e-8))
+        # The fused kernel (CPU and CUDA) is ~10x faster than the default per-tensor loop on CPU
+        # (1.5 vs 15.8 ms per step for the Beauty tables, benchmarks/train_throughput.py).
+        params = [p for g in groups for p in g["params"]]
+        fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+        optimizers.append(
+            torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.98), eps=1e-8, fused=fused or None)
+        )
     if sparse_tables:
         optimizers.append(torch.optim.SparseAdam(sparse_tables, lr=cfg.learning_rate, betas=(0.9, 0.98)))
     return optimizers
