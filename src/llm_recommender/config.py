@@ -518,6 +518,11 @@ class RuntimeConfig:
     """torch CPU threads (``null``: torch's default). 1 is often faster on a busy machine."""
     deterministic: bool = True
     """Deterministic algorithms where torch offers them (CPU runs repeat bit for bit)."""
+    fsdp: bool = False
+    """Multi-process runs: shard parameters, gradients and optimizer state across processes
+    (PyTorch FSDP2, one unit per decoder layer) instead of replicating them (DDP). For full
+    fine-tuning of backbones too large for one device. Launch with ``accelerate launch
+    --multi_gpu`` or ``torchrun`` as for DDP; ignored in a single process."""
 
     def __post_init__(self) -> None:
         _check(

@@ -10,6 +10,7 @@ global batch, so N processes with batch B see the same examples as 1 process wit
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -113,7 +114,10 @@ def build_optimizers(model: torch.nn.Module, config: Config) -> list[torch.optim
         # The fused kernel (CPU and CUDA) is ~10x faster than the default per-tensor loop on CPU
         # (1.5 vs 15.8 ms per step for the Beauty tables, benchmarks/train_throughput.py).
         params = [p for g in groups for p in g["params"]]
-        fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+        fused = all(
+            p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point and type(p.data) is torch.Tensor
+            for p in params
+        )  # not for FSDP's sharded DTensors
         optimizers.append(
             torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.98), eps=1e-8, fused=fused or None)
         )
@@ -166,6 +170,13 @@ class StageATrainer:
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
         self.device = self.accelerator.device
+        engine = self.accelerator.distributed_type.name
+        if engine in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+            raise ConfigError(
+                f"the Accelerate config selects {engine}; launch with plain multi-process "
+                "(accelerate launch --multi_gpu, or torchrun) and set runtime.fsdp=true to shard"
+            )
+        self.fsdp = config.runtime.fsdp and self.world > 1
         if config.embeddings.sparse and self.world > 1:
             raise ConfigError(
                 "embeddings.sparse=true is single-process only (DDP all-reduces dense gradients); "
@@ -200,14 +211,17 @@ class StageATrainer:
         if config.stage_a.ce.mode == "sampled" and config.stage_a.ce.proposal == "popularity":
             self.model.set_item_sampling_distribution(torch.from_numpy(self.data.item_popularity()))
         self.model.to(self.device)
-        self.optimizers = build_optimizers(self.model, config)
-        if not self.optimizers:
-            raise ConfigError("nothing to train: every parameter is frozen")
-        self.schedulers = [
-            torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_multiplier(step, self.total_steps, config))
-            for opt in self.optimizers
-        ]
-        self.wrapped = self.accelerator.prepare(LossModule(self.model))
+        self.replica: torch.nn.Module | None = None  # FSDP: rank 0's unsharded copy
+        self._pending_state: tuple[list[dict], list[dict]] | None = None
+        if self.fsdp:
+            if config.embeddings.sparse:
+                raise ConfigError("runtime.fsdp=true needs dense tables (embeddings.sparse=false)")
+            # Sharded in fit(), after --resume has loaded the weights into the whole model.
+            self.optimizers, self.schedulers = [], []
+            self.wrapped = LossModule(self.model)
+        else:
+            self._build_optimizers()
+            self.wrapped = self.accelerator.prepare(LossModule(self.model))
 
         # Loop state (restored by --resume).
         self.epoch = 0
@@ -220,6 +234,71 @@ class StageATrainer:
         self.stopped_reason = ""
         self.train_seconds = 0.0
 
+    def _build_optimizers(self) -> None:
+        self.optimizers = build_optimizers(self.model, self.config)
+        if not self.optimizers:
+            raise ConfigError("nothing to train: every parameter is frozen")
+        self.schedulers = [
+            torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_multiplier(step, self.total_steps, self.config))
+            for opt in self.optimizers
+        ]
+
+    # ------------------------------------------------------------------ FSDP
+
+    def _shard(self) -> None:
+        """FSDP2: one unit per decoder layer, the rest (tables, projections, norms) in the root.
+
+        The root is the loss wrapper, so every use of the tables (inputs, scoring, BPR) happens
+        inside its forward. Rank 0 keeps an unsharded CPU copy, refreshed after every epoch, for
+        validation and checkpoints (which therefore look exactly as in a single-process run).
+        """
+        from torch.distributed.fsdp import fully_shard
+
+        if self.is_main:
+            self.replica = copy.deepcopy(self.model).to("cpu").eval()
+        unit_names = set()
+        for module in self.model.backbone.modules():
+            unit_names.update(getattr(module, "_no_split_modules", None) or [])
+        units = [m for m in self.model.backbone.modules() if type(m).__name__ in unit_names]
+        if not units:
+            raise ConfigError(
+                f"runtime.fsdp=true: no decoder layer class found in {type(self.model.backbone).__name__} "
+                "(its _no_split_modules is empty)"
+            )
+        for unit in units:
+            fully_shard(unit)
+        fully_shard(self.wrapped)
+        self._build_optimizers()
+        if self._pending_state is not None:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            optimizer_states, scheduler_states = self._pending_state
+            for opt, payload in zip(self.optimizers, optimizer_states):
+                set_optimizer_state_dict(self.wrapped, opt, payload, options=StateDictOptions(full_state_dict=True))
+            for sched, payload in zip(self.schedulers, scheduler_states):
+                sched.load_state_dict(payload)
+            self._pending_state = None
+
+    def _sync_replica(self) -> None:
+        """FSDP (collective): gather the full weights into rank 0's copy."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.is_main:
+            self.replica.load_state_dict({k.removeprefix("model."): v for k, v in full.items()})
+
+    def _optimizer_states(self) -> list[dict]:
+        """Optimizer states to checkpoint (FSDP: gathered whole on rank 0, collective)."""
+        if not self.fsdp:
+            return [o.state_dict() for o in self.optimizers]
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return [get_optimizer_state_dict(self.wrapped, o, options=options) for o in self.optimizers]
+
+    def _eval_model(self) -> torch.nn.Module:
+        return self.replica if self.fsdp else self.accelerator.unwrap_model(self.wrapped).model
+
     @staticmethod
     def _device_type(device: str) -> str:
         if device == "auto":
@@ -230,11 +309,26 @@ class StageATrainer:
 
     # ------------------------------------------------------------------ state for --resume
 
-    def _training_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def _rng_states(self) -> list[dict[str, torch.Tensor]]:
+        """Every process's RNG states, CPU and its CUDA device (collective when several
+        processes: dropout draws differ per rank, and an exact --resume needs each one's)."""
+        state = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.world == 1:
+            return [state]
+        from accelerate.utils import gather_object
+
+        return gather_object([state])
+
+    def _training_state(
+        self, optimizer_states: list[dict], rng_states: list[dict[str, torch.Tensor]]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors: dict[str, torch.Tensor] = {}
         state = {
             "version": TRAIN_STATE_VERSION,
-            "optimizers": [flatten_state(f"opt{i}", o.state_dict(), tensors) for i, o in enumerate(self.optimizers)],
+            "fsdp": self.fsdp,
+            "optimizers": [flatten_state(f"opt{i}", o, tensors) for i, o in enumerate(optimizer_states)],
             "schedulers": [s.state_dict() for s in self.schedulers],
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
@@ -247,10 +341,11 @@ class StageATrainer:
             "train_seconds": self.train_seconds,
             "world_size": self.world,
         }
-        tensors["rng.torch"] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            for i, rng in enumerate(torch.cuda.get_rng_state_all()):
-                tensors[f"rng.cuda{i}"] = rng
+        for rank, states in enumerate(rng_states):
+            suffix = "" if rank == 0 else f".rank{rank}"
+            tensors["rng.torch" + suffix] = states["cpu"]
+            if "cuda" in states:
+                tensors["rng.cuda" + suffix] = states["cuda"]
         return tensors, state
 
     def resume(self) -> None:
@@ -268,11 +363,17 @@ class StageATrainer:
                 f"{last}: saved with {state.get('world_size')} processes, resuming with {self.world}; "
                 "resume with the same number of processes"
             )
+        if bool(state.get("fsdp", False)) != self.fsdp:
+            raise TrainingError(f"{last}: saved with runtime.fsdp={state.get('fsdp', False)}; resume with the same")
         self.model.load_trainable_state_dict(load_file(str(last / MODEL_FILE)))
-        for opt, payload in zip(self.optimizers, state["optimizers"]):
-            opt.load_state_dict(unflatten_state(payload, tensors))
-        for sched, payload in zip(self.schedulers, state["schedulers"]):
-            sched.load_state_dict(payload)
+        optimizer_states = [unflatten_state(payload, tensors) for payload in state["optimizers"]]
+        if self.fsdp:  # loaded into the sharded optimizers by _shard()
+            self._pending_state = (optimizer_states, state["schedulers"])
+        else:
+            for opt, payload in zip(self.optimizers, optimizer_states):
+                opt.load_state_dict(payload)
+            for sched, payload in zip(self.schedulers, state["schedulers"]):
+                sched.load_state_dict(payload)
         self.epoch = state["epoch"]
         self.step_in_epoch = state["step_in_epoch"]
         self.global_step = state["global_step"]
@@ -282,14 +383,15 @@ class StageATrainer:
         self.history = state["history"]
         self.stopped_reason = state.get("stopped_reason", "")
         self.train_seconds = state.get("train_seconds", 0.0)
-        torch.set_rng_state(tensors["rng.torch"])
-        if torch.cuda.is_available():
-            cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda")]
-            if cuda_states:
-                torch.cuda.set_rng_state_all(cuda_states)
+        suffix = "" if self.rank == 0 else f".rank{self.rank}"
+        torch.set_rng_state(tensors.get("rng.torch" + suffix, tensors["rng.torch"]))
+        if self.device.type == "cuda" and "rng.cuda" + suffix in tensors:
+            torch.cuda.set_rng_state(tensors["rng.cuda" + suffix], self.device)
         self._rewrite_metrics_log()
 
     def _save(self, name: str, metrics: dict[str, Any] | None, with_state: bool) -> None:
+        optimizer_states = self._optimizer_states() if with_state and (self.fsdp or self.is_main) else None
+        rng_states = self._rng_states() if with_state else None
         if not self.is_main:
             return
         info = {
@@ -300,11 +402,11 @@ class StageATrainer:
         }
         save_checkpoint(
             self.output_dir / name,
-            self.accelerator.unwrap_model(self.wrapped).model,
+            self._eval_model(),
             self.config,
             info,
             self.data_dir,
-            training_state=self._training_state() if with_state else None,
+            training_state=self._training_state(optimizer_states, rng_states) if with_state else None,
         )
 
     # ------------------------------------------------------------------ logging
@@ -371,7 +473,8 @@ class StageATrainer:
         if max_norm is not None:
             dense = [p for p in self.model.parameters() if p.grad is not None and not p.grad.is_sparse]
             if dense:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(dense, max_norm))
+                norm = torch.nn.utils.clip_grad_norm_(dense, max_norm)
+                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         for opt in self.optimizers:
             opt.step()
         for sched in self.schedulers:
@@ -394,7 +497,11 @@ class StageATrainer:
             step_index = index // accumulation
             last_micro = (index + 1) % accumulation == 0
             batch = self._batch_tensors(micro[index])
-            sync = nullcontext() if last_micro else self.accelerator.no_sync(self.wrapped)
+            if self.fsdp:
+                self.wrapped.set_requires_gradient_sync(last_micro)
+                sync = nullcontext()
+            else:
+                sync = nullcontext() if last_micro else self.accelerator.no_sync(self.wrapped)
             scale = self._position_weight(batch) / accumulation
             with sync, self.accelerator.autocast():
                 losses = self.wrapped(batch)
@@ -445,7 +552,7 @@ class StageATrainer:
         from ..evaluation.evaluator import evaluate
 
         cfg = self.config.stage_a
-        model = self.accelerator.unwrap_model(self.wrapped).model
+        model = self._eval_model()
         result = evaluate(
             model,
             self.data,
@@ -464,6 +571,8 @@ class StageATrainer:
         cfg = self.config.stage_a
         from tqdm.auto import tqdm
 
+        if self.fsdp and not self.optimizers:
+            self._shard()
         self.tb = self._open_tensorboard()
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -495,6 +604,8 @@ class StageATrainer:
                     or self.epoch + 1 >= cfg.num_epochs
                 )
                 self.train_seconds += epoch_seconds
+                if self.fsdp:
+                    self._sync_replica()
                 metrics: dict[str, Any] = {}
                 improved = False
                 if validate_now:
