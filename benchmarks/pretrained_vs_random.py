@@ -80,6 +80,7 @@ def main() -> None:
         config = load_config(REPO / "config" / "pretrained_smollm2.yaml", common + variants[name])
         out = work / f"pvr_{name}"
         started = time.time()
+        load_before = machine()["loadavg_1_5_15"]
         summary = train_stage_a(config, data_dir, out)
         model, saved, info = load_checkpoint(out / "best_model")
         test = evaluate(model, data, "test", saved.evaluation, saved.model.max_seq_len)
@@ -92,9 +93,11 @@ def main() -> None:
             "test_sampled": {k: test["sampled"][k] for k in ("HR@10", "NDCG@10", "MRR")},
             "test_full": {k: test["full"][k] for k in ("HR@10", "NDCG@10", "MRR")},
             "backbone": info.get("backbone", {}),
+            "loadavg_before": load_before,
+            "loadavg_after": machine()["loadavg_1_5_15"],
         }
         print(f"{name}: test sampled NDCG@10 {test['sampled']['NDCG@10']:.4f}, full NDCG@10 "
-              f"{test['full']['NDCG@10']:.4f} (best epoch {summary['best_epoch']} of {summary['epochs']})", flush=True)
+              f"{test['full']['NDCG@10']:.4f} (best validation at epoch {summary['best_epoch']}; {summary['epochs']} whole epochs in the budget)", flush=True)
     baseline = results.get("random_full")
     payload = {
         "benchmark": "pretrained_vs_random",
