@@ -6,6 +6,9 @@ early stopping on validation NDCG@10, ``best_model/`` and ``last/`` checkpoints,
 ``--resume``, and multi-process data parallelism through Hugging Face Accelerate (DDP):
 launch with ``accelerate launch`` or ``torchrun``; each process takes its slice of every
 global batch, so N processes with batch B see the same examples as 1 process with N x B.
+``runtime.fsdp: true`` shards weights, gradients and optimizer state instead (PyTorch FSDP2,
+applied here rather than by Accelerate, which does not run FSDP on CPU); see
+:meth:`StageATrainer._shard`.
 """
 
 from __future__ import annotations
