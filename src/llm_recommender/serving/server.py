@@ -42,12 +42,15 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Annotated, Any, Optional, Sequence, Union
 
 import numpy as np
 
 from ..errors import one_line
 from .recommend import Recommender, UnknownIdError
+
+if TYPE_CHECKING:  # fastapi is imported lazily: `llmrec` starts fast without it
+    from fastapi import FastAPI
 
 logger = logging.getLogger("llm_recommender.serving")
 
