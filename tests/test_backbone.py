@@ -204,3 +204,42 @@ def test_gguf_smollm2_loads_truncated_and_trains_a_step():
         losses.append(loss.item())
     assert losses[1] < losses[0]
     assert time.perf_counter() - start < 120
+
+
+def test_hub_name_loads_offline_from_the_hf_cache(tmp_path):
+    """``model.base_llm: org/name`` with ``HF_HUB_OFFLINE=1`` loads the snapshot in the Hugging
+    Face cache (the layout ``huggingface_hub`` writes), with no network."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from transformers import Qwen2Config, Qwen2Model
+
+    torch.manual_seed(0)
+    model = Qwen2Model(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, vocab_size=50))
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-qwen2"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    model.save_pretrained(snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    expected = model.layers[1].mlp.down_proj.weight.detach().clone()
+    torch.save(expected, tmp_path / "expected.pt")
+    script = (
+        "import sys, torch\n"
+        "from llm_recommender.config import load_config\n"
+        "from llm_recommender.models.backbone import load_backbone\n"
+        "config = load_config(None, ['model.base_llm=tiny-org/tiny-qwen2', 'model.finetune=frozen']).model\n"
+        "backbone, width, info = load_backbone(config)\n"
+        "expected = torch.load(sys.argv[1])\n"
+        "assert width == 32 and info['config_source'] == 'hub', info\n"
+        "assert torch.equal(backbone.layers[1].mlp.down_proj.weight, expected)\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"),
+           "HF_HOME": str(tmp_path / "home")}
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "expected.pt")],
+                            env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+    json.loads((snapshot / "config.json").read_text())  # a real config was written
