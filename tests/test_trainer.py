@@ -190,6 +190,16 @@ def test_negative_samples_not_below_catalogue_is_a_config_error(tiny_data, tmp_p
     assert "negative_samples" in result.stderr and "Traceback" not in result.stderr
 
 
+def _launch_two(args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "-m", "llm_recommender.cli", *args],
+        env=env, capture_output=True, text=True, timeout=600, check=False,
+    )
+
+
 @pytest.mark.slow
 def test_two_process_gloo_matches_one_process_with_doubled_batch(tiny_data, tmp_path):
     """``accelerate launch --multi_gpu --num_processes 2`` on a CPU machine (2 processes,
@@ -202,14 +212,8 @@ def test_two_process_gloo_matches_one_process_with_doubled_batch(tiny_data, tmp_
                        *sets(["stage_a.batch_size=32"])])
     assert result.returncode == 0, result.stderr
     double = tmp_path / "ddp"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "-m", "llm_recommender.cli", "train", "--data_dir", str(tiny_data), "--output_dir", str(double),
-         *sets(["stage_a.batch_size=16"])],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
+    result = _launch_two(["train", "--data_dir", str(tiny_data), "--output_dir", str(double),
+                          *sets(["stage_a.batch_size=16"])])
     assert result.returncode == 0, result.stderr[-3000:]
     a = load_file(str(single / "last" / "model.safetensors"))
     b = load_file(str(double / "last" / "model.safetensors"))
@@ -225,15 +229,6 @@ def test_two_process_gloo_matches_one_process_with_doubled_batch(tiny_data, tmp_
         diff = (a[key] - b[key]).abs()
         assert float(diff.mean()) < 2e-5 and float(diff.max()) < 5e-3, (key, float(diff.mean()), float(diff.max()))
 
-
-def _launch_two(args: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "-m", "llm_recommender.cli", *args],
-        env=env, capture_output=True, text=True, timeout=600, check=False,
-    )
 
 
 @pytest.mark.slow
