@@ -156,7 +156,7 @@ def test_end_anchor_puts_the_last_item_at_a_fixed_position(monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(model.backbone, "forward", spy)
-    left, right = _padded_pair([[3, 4, 5], [7, 8, 9, 10, 11, 12]], SEQ_LEN)
+    _, right = _padded_pair([[3, 4, 5], [7, 8, 9, 10, 11, 12]], SEQ_LEN)
     with torch.no_grad():
         model(torch.tensor([1, 2]), right)
     positions = seen["position_ids"]  # (B, 1 + SEQ_LEN), right padding: last item at 1 + len - 1

@@ -216,9 +216,7 @@ class StageATrainer:
         self.model.to(self.device)
         self.replica: torch.nn.Module | None = None  # FSDP: rank 0's unsharded copy
         self._pending_state: tuple[list[dict], list[dict]] | None = None
-        if self.fsdp:
-            if config.embeddings.sparse:
-                raise ConfigError("runtime.fsdp=true needs dense tables (embeddings.sparse=false)")
+        if self.fsdp:  # (sparse tables were refused above for any multi-process run)
             # Sharded in fit(), after --resume has loaded the weights into the whole model.
             self.optimizers, self.schedulers = [], []
             self.wrapped = LossModule(self.model)
