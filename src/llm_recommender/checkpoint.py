@@ -10,6 +10,8 @@ A checkpoint folder (``best_model/``, ``last/``) holds:
 - ``checkpoint.json``: format version, catalogue sizes, the processed data it was trained on
   (path and sha256 of its source), epoch/step, validation metrics, and the sha256 of every
   file in the folder (a truncated or altered file is a clear error, not garbage scores).
+- ``item_knn.safetensors`` (with ``model.item_knn.enabled``): the item neighbour table fused
+  into the scores; its weight and provenance are in ``checkpoint.json`` under ``item_knn``.
 - ``user_ids.txt``, ``item_ids.txt``: copies of the data's id maps, so recommendations map
   back to original ids even when the data folder has moved.
 - ``last/`` also holds ``training_state.safetensors`` + ``training_state.json``: optimizer,
@@ -39,6 +41,7 @@ CHECKPOINT_KIND = "llm_recommender.stage_a"
 MODEL_FILE = "model.safetensors"
 STATE_TENSORS = "training_state.safetensors"
 STATE_JSON = "training_state.json"
+ITEM_KNN_FILE = "item_knn.safetensors"
 
 
 def save_checkpoint(
@@ -64,6 +67,10 @@ def save_checkpoint(
         state = model.trainable_state_dict()  # tables, projections, changed backbone weights
         save_file(state, str(tmp / MODEL_FILE), metadata={"format": "pt"})
         save_config(config, tmp / "config.yaml")
+        knn = getattr(model, "item_knn", None)
+        if knn is not None:
+            knn.save(tmp / ITEM_KNN_FILE)
+            info = {**info, "item_knn": {"weight": float(model.item_knn_weight), **knn.info}}
         for name in ("user_ids.txt", "item_ids.txt"):
             source = data_dir / name
             if source.is_file():
@@ -170,6 +177,14 @@ def load_checkpoint(
         model.load_trainable_state_dict(state)
     except CheckpointError as exc:
         raise CheckpointError(f"{folder / MODEL_FILE}: {exc}") from None
+    if (folder / ITEM_KNN_FILE).is_file():
+        from .models.item_knn import ItemCooccurrence
+
+        table = ItemCooccurrence.load(folder / ITEM_KNN_FILE)
+        weight = (info.get("item_knn") or {}).get("weight")
+        if weight is None or table.num_items != int(info["num_items"]):
+            raise CheckpointError(f"{folder / ITEM_KNN_FILE}: does not match {folder / 'checkpoint.json'}")
+        model.attach_item_knn(table, float(weight))
     model.to(device)
     model.eval()
     return model, config, info

@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--data_dir", "--data-dir", dest="data_dir", default=None)
     p.add_argument("--output_file", "--output-file", dest="output_file", default=None)
-    p.add_argument("--baseline", default=None, help="popularity | popularity_with_valid | markov | markov_with_valid | random")
+    p.add_argument("--baseline", default=None, help="popularity | popularity_with_valid | markov | markov_with_valid | itemknn | itemknn_with_valid | random")
     p.add_argument("--split", default=None, choices=["valid", "test"])
     p.add_argument(
         "--protocol", default="both", choices=["both", "sampled", "full"], help="which protocols to run"

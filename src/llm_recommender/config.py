@@ -154,6 +154,51 @@ class LoraSettings:
 
 
 @dataclass
+class ItemKNNConfig:
+    """Item co-occurrence neighbours fused with the model's scores (models/item_knn.py):
+    ``score = logits + weight * knn``, knn summing the cosine co-occurrence of each candidate
+    with the user's last ``history`` items."""
+
+    enabled: bool = False
+    """Build the neighbour table when training and fuse it into every score."""
+    weight: Optional[float] = None
+    """Fusion weight; ``null`` picks it on validation at the end of training from
+    ``weight_grid`` (recorded in checkpoint.json)."""
+    weight_grid: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0])
+    """Candidate weights for ``weight: null``."""
+    window: int = 10
+    """Events apart in a user's sequence that still count as co-occurring (either order)."""
+    history: int = 10
+    """Most recent history items that vote for their neighbours."""
+    decay: float = 0.8
+    """Vote of the k-th most recent history item: decay**k."""
+    scale: float = 10.0
+    """Similarity is log1p(scale * cosine)."""
+    max_neighbors: Optional[int] = None
+    """Keep each item's most similar neighbours only (``null``: all; cap it on big catalogues,
+    the table holds every co-occurring pair)."""
+
+    def __post_init__(self) -> None:
+        _check(self.weight is None or self.weight >= 0, "model.item_knn.weight", self.weight, "must be >= 0 or null")
+        _check(
+            len(self.weight_grid) >= 1 and all(w >= 0 for w in self.weight_grid),
+            "model.item_knn.weight_grid",
+            self.weight_grid,
+            "must be a non-empty list of numbers >= 0",
+        )
+        _check(self.window >= 1, "model.item_knn.window", self.window, "must be >= 1")
+        _check(self.history >= 1, "model.item_knn.history", self.history, "must be >= 1")
+        _check(0 < self.decay <= 1, "model.item_knn.decay", self.decay, "must be in (0, 1]")
+        _check(self.scale > 0, "model.item_knn.scale", self.scale, "must be > 0")
+        _check(
+            self.max_neighbors is None or self.max_neighbors >= 1,
+            "model.item_knn.max_neighbors",
+            self.max_neighbors,
+            "must be >= 1 or null",
+        )
+
+
+@dataclass
 class ModelConfig:
     """The Stage A model: ID tables, projections and the LLM backbone."""
 
@@ -202,6 +247,8 @@ class ModelConfig:
     """Allow a model folder to run its own Python code. Off unless you trust the source."""
     gguf_file: Optional[str] = None
     """File name inside ``base_llm`` folder when it holds a GGUF file (or give the .gguf path)."""
+    item_knn: ItemKNNConfig = field(default_factory=ItemKNNConfig)
+    """Item co-occurrence neighbours fused with the scores (off by default)."""
 
     def __post_init__(self) -> None:
         _check(self.embedding_dim >= 1, "model.embedding_dim", self.embedding_dim, "must be >= 1")
@@ -383,6 +430,11 @@ class StageAConfig:
     """Progress-bar and metrics.jsonl update interval."""
     compile: bool = False
     """torch.compile the backbone (no CPU speed-up measured; try on GPU)."""
+    refit_on_valid: bool = False
+    """After early stopping picked the best epoch E on validation, train again from scratch
+    on training + validation events for E epochs (same seed and schedule) and make that
+    ``best_model/``; the validation-selected model is kept as ``validated_model/``. The
+    refit model has seen the validation events: evaluate it on the test split."""
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "stage_a.batch_size", self.batch_size, "must be >= 1")

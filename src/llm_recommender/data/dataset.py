@@ -44,9 +44,16 @@ class ProcessedData:
     Args:
         path: folder written by ``llmrec preprocess``.
         mmap: memory-map the arrays (default) instead of reading them into RAM.
+        train_through: ``train`` (default) or ``valid``: the latter is the view of a refit
+            (``stage_a.refit_on_valid``): validation events count as training events, and
+            the validation split can no longer be evaluated.
     """
 
-    def __init__(self, path: str | Path, mmap: bool = True) -> None:
+    def __init__(self, path: str | Path, mmap: bool = True, train_through: str = "train") -> None:
+        if train_through not in ("train", "valid"):
+            raise ValueError(f"train_through must be 'train' or 'valid', got {train_through!r}")
+        self.train_through = train_through
+        self._train_max_label = SPLIT_CODES[train_through]
         self.path = Path(path)
         if not self.path.is_dir():
             raise DataError(f"{self.path}: processed data folder not found (run llmrec preprocess)")
@@ -95,8 +102,9 @@ class ProcessedData:
 
     @cached_property
     def train_lengths(self) -> np.ndarray:
-        """Training events per user (a prefix of each user's sequence)."""
-        is_train = (np.asarray(self.split_labels) == 0).astype(np.int64)
+        """Training events per user (a prefix of each user's sequence; validation events too
+        in a ``train_through="valid"`` view)."""
+        is_train = (np.asarray(self.split_labels) <= self._train_max_label).astype(np.int64)
         cumulative = np.concatenate([[0], np.cumsum(is_train)])
         offsets = np.asarray(self.offsets)
         return cumulative[offsets[1:]] - cumulative[offsets[:-1]]
@@ -122,6 +130,8 @@ class ProcessedData:
         if split not in ("valid", "test"):
             raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
         code = SPLIT_CODES[split]
+        if code <= self._train_max_label:
+            raise DataError(f"{self.path}: the {split!r} events are training events in this view (a refit)")
         labels = np.asarray(self.split_labels)
         offsets = np.asarray(self.offsets)
         positions = np.flatnonzero(labels == code)
@@ -139,7 +149,7 @@ class ProcessedData:
         """Interaction counts per item (index 0 is padding, count 0) over training events
         (and validation events with ``include_valid``)."""
         labels = np.asarray(self.split_labels)
-        keep = labels == 0 if not include_valid else labels <= 1
+        keep = labels <= max(self._train_max_label, 1 if include_valid else 0)
         counts = np.bincount(np.asarray(self.items)[keep], minlength=self.num_items + 1)
         counts[0] = 0
         return counts.astype(np.int64)

@@ -10,6 +10,10 @@
   popularity + 1) so that popularity only breaks ties and ranks items never seen after i.
   Sparse (one CSR row per item), cheap, and strong on data with sequential structure.
   ``markov_with_valid`` also counts transitions into validation events (test split only).
+* ``itemknn``: item co-occurrence neighbours (models/item_knn.py with ``model.item_knn``'s
+  settings: either order within 10 events, cosine, the last 10 history items voting with
+  decay 0.8), popularity breaking ties. The non-parametric half of a model trained with
+  ``model.item_knn.enabled``. ``itemknn_with_valid`` also counts validation events.
 
 Every ``full_sort_predict`` returns a new tensor (the evaluator masks it in place).
 """
@@ -149,7 +153,47 @@ class MarkovBaseline:
         return (counts + self.backoff[candidates]).to(device)
 
 
-BASELINES = ("popularity", "popularity_with_valid", "random", "markov", "markov_with_valid")
+class ItemKNNBaseline:
+    """Item co-occurrence neighbours of the last history items (see the module docstring).
+
+    Args:
+        data: the processed dataset.
+        include_valid: also count validation events (test split only).
+        settings: an :class:`~llm_recommender.config.ItemKNNConfig` (default settings if None).
+    """
+
+    def __init__(self, data: ProcessedData, include_valid: bool = False, settings=None) -> None:
+        from ..config import ItemKNNConfig
+        from ..models.item_knn import ItemCooccurrence
+
+        knn = settings or ItemKNNConfig()
+        self.table = ItemCooccurrence.from_data(
+            data, include_valid, window=knn.window, history=knn.history, decay=knn.decay,
+            scale=knn.scale, max_neighbors=knn.max_neighbors,
+        )
+        popularity = data.item_popularity(include_valid=include_valid).astype(np.float64)
+        # Below the smallest similarity (log1p(scale * cosine) of one co-occurrence): ties only.
+        self.backoff = torch.from_numpy(1e-6 * popularity / (popularity.max() + 1.0)).float()  # (I+1,)
+
+    def full_sort_predict(self, user_ids: torch.Tensor, item_seq: torch.Tensor) -> torch.Tensor:
+        return self.table.full_scores(item_seq) + self.backoff.to(item_seq.device)
+
+    def predict_candidates(
+        self, user_ids: torch.Tensor, item_seq: torch.Tensor, candidates: torch.Tensor
+    ) -> torch.Tensor:
+        scores = self.table.candidate_scores(item_seq, candidates)
+        return scores + self.backoff.to(candidates.device)[candidates]
+
+
+BASELINES = (
+    "popularity",
+    "popularity_with_valid",
+    "random",
+    "markov",
+    "markov_with_valid",
+    "itemknn",
+    "itemknn_with_valid",
+)
 
 
 def get_baseline(name: str, data: ProcessedData, split: str | None = None, **kwargs: Any):
@@ -161,7 +205,7 @@ def get_baseline(name: str, data: ProcessedData, split: str | None = None, **kwa
         split: the split it will be evaluated on (``*_with_valid`` refuse ``valid``).
         **kwargs: passed to the class (``seed`` for random).
     """
-    if name in ("popularity_with_valid", "markov_with_valid") and split == "valid":
+    if name.endswith("_with_valid") and split == "valid":
         raise ConfigError(
             f"--baseline {name} counts validation events: use it on the test split, or "
             f"{name.replace('_with_valid', '')} on valid"
@@ -174,6 +218,10 @@ def get_baseline(name: str, data: ProcessedData, split: str | None = None, **kwa
         return MarkovBaseline(data, **kwargs)
     if name == "markov_with_valid":
         return MarkovBaseline(data, include_valid=True, **kwargs)
+    if name == "itemknn":
+        return ItemKNNBaseline(data, **kwargs)
+    if name == "itemknn_with_valid":
+        return ItemKNNBaseline(data, include_valid=True, **kwargs)
     if name == "random":
         return RandomBaseline(num_items=data.num_items, **kwargs)
     import difflib

@@ -527,6 +527,12 @@ def evaluate(
     protocols = _protocol_tuple(protocols)
     if max_seq_len < 1:
         raise ConfigError(f"max_seq_len={max_seq_len!r} must be >= 1")
+    knn = getattr(scorer, "item_knn", None)
+    if split == "valid" and knn is not None and knn.counts_validation_events:
+        raise DataError(
+            "this model's item neighbour table counts the validation events (a final model): "
+            "evaluate it on the test split; its validation figures are in checkpoint.json"
+        )
     users, positions = data.eval_examples(split)
     if len(users) == 0:
         raise DataError(f"{data.path}: no user has a {split!r} event to evaluate")
@@ -771,7 +777,8 @@ def run_evaluation_command(
     if checkpoint is not None:
         scorer = scorer.to(device)
     else:
-        scorer = get_baseline(baseline, data, split=split)
+        extra = {"settings": config.model.item_knn} if baseline.startswith("itemknn") else {}
+        scorer = get_baseline(baseline, data, split=split, **extra)
 
     result = evaluate(
         scorer,

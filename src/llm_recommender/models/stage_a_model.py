@@ -309,8 +309,20 @@ class StageAModel(nn.Module):
         uniform[0] = float("-inf")
         self.register_buffer("sampling_log_q", uniform, persistent=False)
         self.sampling_is_uniform = True
+        # Item co-occurrence neighbours fused into the scores (model.item_knn): attached by the
+        # trainer after training, or by load_checkpoint; not an nn.Module state (no gradient).
+        self.item_knn = None
+        self.item_knn_weight = 0.0
         self._freeze_unused(config)
         self.train()
+
+    def attach_item_knn(self, table, weight: float) -> None:
+        """Fuse an :class:`~llm_recommender.models.item_knn.ItemCooccurrence` table into the
+        scores: ``logits + weight * knn`` (``table=None`` detaches)."""
+        if table is not None and table.num_items != self.num_items:
+            raise ConfigError(f"item neighbour table has {table.num_items} items, the model {self.num_items}")
+        self.item_knn = table
+        self.item_knn_weight = float(weight) if table is not None else 0.0
 
     def _freeze_unused(self, config: Config) -> None:
         # A parameter that never gets a gradient breaks DDP ("Expected to have finished
@@ -383,6 +395,8 @@ class StageAModel(nn.Module):
         """Scores of every item: ``(B, I+1)`` float32; column 0 (padding) is ``-inf``."""
         state = self.user_state(user_ids, item_seq)  # (B, d)
         scores = state.float() @ self.embeddings.item_embeddings.weight.float().T  # (B, I+1)
+        if self.item_knn is not None and self.item_knn_weight:
+            scores += self.item_knn_weight * self.item_knn.full_scores(item_seq).to(scores.device)
         scores[:, 0] = float("-inf")
         return scores
 
@@ -394,6 +408,8 @@ class StageAModel(nn.Module):
         state = self.user_state(user_ids, item_seq)  # (B, d)
         rows = self.embeddings.item_embeddings.weight[candidates]  # (B, C, d)
         scores = torch.einsum("bd,bcd->bc", state.float(), rows.float())  # (B, C)
+        if self.item_knn is not None and self.item_knn_weight:
+            scores += self.item_knn_weight * self.item_knn.candidate_scores(item_seq, candidates).to(scores.device)
         return scores.masked_fill(candidates == 0, float("-inf"))
 
     # ---- training --------------------------------------------------------------------------

@@ -95,6 +95,15 @@ def export_embeddings(
         data_path = Path(recommender.data.path)
         for name in ("item_ids.txt", "user_ids.txt"):
             shutil.copyfile(data_path / name, tmp / name)
+        knn = getattr(model, "item_knn", None)
+        if knn is not None and model.item_knn_weight:
+            knn.save(tmp / "item_knn.safetensors")
+            files["item_knn.safetensors"] = (
+                f"item co-occurrence neighbours this model fuses into its scores with weight "
+                f"{model.item_knn_weight:g}: score = user_state . item_embedding + weight * sum_k "
+                f"decay**k * sim(k-th most recent history item, item); keys src*(num_items+1)+dst "
+                f"(1-based item indices), values sim; the inner products above are the neural part only"
+            )
         if faiss is not None:
             index = faiss.IndexFlatIP(item_vectors.shape[1])
             index.add(np.ascontiguousarray(item_vectors))
@@ -113,6 +122,9 @@ def export_embeddings(
             "files": files,
             "faiss": faiss is not None,
         }
+        if knn is not None and model.item_knn_weight:
+            manifest["item_knn"] = {"weight": model.item_knn_weight, "history": knn.history,
+                                    "decay": knn.decay, **knn.info}
         if note:
             manifest["note"] = note
         atomic_write_json(tmp / "manifest.json", manifest)

@@ -261,6 +261,10 @@ class Recommender:
         states = self._states(users, flat_items, lengths)  # (B, d)
         with torch.inference_mode():
             scores = states @ self.item_table.T  # (B, I+1)
+            knn = getattr(self.model, "item_knn", None)  # (a duck-typed model may have none)
+            if knn is not None and self.model.item_knn_weight:
+                tails = _history_tails(flat_items, lengths, knn.history)  # (B, H)
+                scores += self.model.item_knn_weight * knn.scores_of_tails(torch.from_numpy(tails)).to(self.device)
             scores[:, 0] = float("-inf")
             if keep.any():
                 scores[
@@ -491,6 +495,15 @@ class _ParquetSink:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _history_tails(flat_items: np.ndarray, lengths: np.ndarray, count: int) -> np.ndarray:
+    """The last ``count`` items of each concatenated history, most recent first: (B, count),
+    0 where a history is shorter."""
+    ends = np.cumsum(lengths)  # (B,)
+    back = np.arange(count)[None, :]  # (1, count)
+    index = np.maximum(ends[:, None] - 1 - back, 0)  # (B, count)
+    return np.where(back < lengths[:, None], flat_items[index], 0).astype(np.int64)
 
 
 class _JsonlSink:

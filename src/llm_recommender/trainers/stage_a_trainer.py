@@ -17,6 +17,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -155,9 +156,21 @@ class StageATrainer:
         data_dir: processed data folder.
         output_dir: where ``best_model/``, ``last/``, ``metrics.jsonl`` and plots go.
         accelerator: an ``accelerate.Accelerator`` (one is made when None).
+        train_through: ``valid`` trains on training + validation events without validating
+            (the refit of ``stage_a.refit_on_valid``).
+        stop_after_epochs: stop after this many epochs (the refit's length); the learning-rate
+            schedule still spans ``stage_a.num_epochs``, as in the run it repeats.
     """
 
-    def __init__(self, config: Config, data_dir: Path, output_dir: Path, accelerator=None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        data_dir: Path,
+        output_dir: Path,
+        accelerator=None,
+        train_through: str = "train",
+        stop_after_epochs: int | None = None,
+    ) -> None:
         from accelerate import Accelerator
 
         self.config = config
@@ -186,7 +199,9 @@ class StageATrainer:
                 "use sampled cross-entropy (stage_a.ce.mode=sampled) for multi-process runs"
             )
 
-        self.data = ProcessedData(self.data_dir)
+        self.data = ProcessedData(self.data_dir, train_through=train_through)
+        self.refit = train_through != "train"
+        self.stop_after_epochs = stop_after_epochs
         negatives = config.stage_a.collaborative.negative_samples
         if config.stage_a.collaborative.use_bpr_loss and negatives >= self.data.num_items:
             raise ConfigError(
@@ -400,6 +415,7 @@ class StageATrainer:
             "global_step": self.global_step,
             "metrics": metrics or {},
             "best_epoch": self.best_epoch,
+            "trained_on": "train+valid" if self.refit else "train",
         }
         save_checkpoint(
             self.output_dir / name,
@@ -591,6 +607,7 @@ class StageATrainer:
         try:
             while (
                 self.epoch < cfg.num_epochs
+                and (self.stop_after_epochs is None or self.epoch < self.stop_after_epochs)
                 and self.global_step < self.total_steps
                 and self.stopped_reason in ("", None)
             ):
@@ -598,7 +615,7 @@ class StageATrainer:
                 train_losses = self._train_epoch(self.epoch, deadline, progress)
                 epoch_seconds = time.perf_counter() - epoch_start
                 finished_epoch = self.step_in_epoch >= self.steps_per_epoch
-                validate_now = (
+                validate_now = not self.refit and (
                     (self.epoch + 1) % cfg.eval_every_epochs == 0
                     or not finished_epoch
                     or self.global_step >= self.total_steps
@@ -628,7 +645,15 @@ class StageATrainer:
             if self.tb is not None:
                 self.tb.close()
         if not self.stopped_reason:
-            self.stopped_reason = "num_epochs" if self.epoch >= cfg.num_epochs else "max_steps"
+            if self.stop_after_epochs is not None and self.epoch >= self.stop_after_epochs:
+                self.stopped_reason = f"refit: {self.stop_after_epochs} epochs, as many as the validated run's best"
+            else:
+                self.stopped_reason = "num_epochs" if self.epoch >= cfg.num_epochs else "max_steps"
+        if self.refit:
+            # Nothing to select on (validation events are training events here): the model
+            # after its last epoch is the result.
+            self.best_epoch = self.epoch
+            self._save("best_model", {}, with_state=False)
         summary = {
             "best_epoch": self.best_epoch,
             "best_valid_ndcg10": self.best_metric,
@@ -638,7 +663,9 @@ class StageATrainer:
             "train_seconds": round(self.train_seconds, 1),
             "best_model": str(self.output_dir / "best_model"),
         }
-        if self.is_main:
+        if self.is_main and self.refit:
+            print(f"refit done: {self.stopped_reason}; checkpoint {self.output_dir / 'best_model'}", flush=True)
+        elif self.is_main:
             self._plot_curves()
             print(f"done: {self.stopped_reason}; best validation NDCG@10 {self.best_metric:.4f} at epoch "
                   f"{self.best_epoch}; checkpoint {self.output_dir / 'best_model'}", flush=True)
@@ -739,6 +766,13 @@ class StageATrainer:
 def train_stage_a(config: Config, data_dir: Path, output_dir: Path, resume: bool = False) -> dict[str, Any]:
     """Train Stage A (the spec's ``scripts/train_stage_a.py``).
 
+    With ``stage_a.refit_on_valid`` or ``model.item_knn.enabled`` the run has more stages
+    (each printed): the validated run (early stopping on validation) is kept as
+    ``validated_model/``, with the neighbour table of training events and its fusion weight
+    tuned on validation; then the refit on training + validation events (``refit/``); then
+    ``best_model/`` = the final model, whose neighbour table counts validation events too.
+    ``--resume`` continues whichever stage was interrupted.
+
     Args:
         config: resolved config.
         data_dir: processed data folder (``llmrec preprocess``).
@@ -746,19 +780,128 @@ def train_stage_a(config: Config, data_dir: Path, output_dir: Path, resume: bool
         resume: continue from ``output_dir/last`` (optimizer, scheduler, RNG, data order).
     """
     output_dir = Path(output_dir)
-    if int(os.environ.get("RANK", "0")) == 0:
+    staged = config.stage_a.refit_on_valid or config.model.item_knn.enabled
+    validated = output_dir / VALIDATED_MODEL
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if main_process:
         # A kill during a checkpoint write may have left only the previous folder, renamed
         # aside: put it back before deciding whether there is something to resume.
-        for name in ("last", "best_model"):
+        for name in ("last", "best_model", VALIDATED_MODEL):
             clean_stale_temporaries(output_dir, name)
-    if resume and not (output_dir / "last" / "checkpoint.json").is_file():
+        clean_stale_temporaries(output_dir / REFIT_DIR, "last")
+    validated_done = staged and (validated / "checkpoint.json").is_file()
+    if resume and not validated_done and not (output_dir / "last" / "checkpoint.json").is_file():
         raise TrainingError(f"{output_dir / 'last'}: nothing to resume from (no checkpoint there)")
-    if not resume and int(os.environ.get("RANK", "0")) == 0 and (output_dir / "last" / "checkpoint.json").is_file():
-        print(f"note: {output_dir} holds a previous run; starting over (use --resume to continue it)",
-              file=sys.stderr)
-    trainer = StageATrainer(config, data_dir, output_dir)
-    if resume:
-        trainer.resume()
-    elif trainer.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    return trainer.fit()
+    if not resume and main_process:
+        if (output_dir / "last" / "checkpoint.json").is_file():
+            print(f"note: {output_dir} holds a previous run; starting over (use --resume to continue it)",
+                  file=sys.stderr)
+        for stale in (validated, output_dir / REFIT_DIR):  # stages of an earlier run
+            if stale.exists():
+                shutil.rmtree(stale)
+    accelerator = None
+    if resume and validated_done:
+        summary = json.loads((validated / "checkpoint.json").read_text(encoding="utf-8")).get("summary", {})
+        print(f"resume: the validated run is complete ({validated}); continuing after it", flush=True)
+    else:
+        trainer = StageATrainer(config, data_dir, output_dir)
+        if resume:
+            trainer.resume()
+        elif trainer.is_main:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        summary = trainer.fit()
+        accelerator = trainer.accelerator
+        if not staged:
+            return summary
+        if trainer.is_main:
+            _save_validated_model(config, Path(data_dir), output_dir, summary)
+        trainer.accelerator.wait_for_everyone()
+        del trainer
+    info = read_checkpoint_info(validated, verify=False)
+    final_source = validated
+    if config.stage_a.refit_on_valid:
+        refit_dir = output_dir / REFIT_DIR
+        epochs = max(1, int(info.get("best_epoch") or 1))
+        if main_process:
+            print(f"refit: training again from scratch on training + validation events for {epochs} "
+                  f"epoch(s) -> {refit_dir}", flush=True)
+        refit = StageATrainer(config, data_dir, refit_dir, accelerator=accelerator, train_through="valid",
+                              stop_after_epochs=epochs)
+        if resume and (refit_dir / "last" / "checkpoint.json").is_file():
+            refit.resume()
+        refit_summary = refit.fit()
+        summary = {**summary, "refit": refit_summary}
+        refit.accelerator.wait_for_everyone()
+        final_source = refit_dir / "best_model"
+    if main_process:
+        _save_final_model(config, Path(data_dir), output_dir, final_source, info)
+    summary["best_model"] = str(output_dir / "best_model")
+    summary["validated_model"] = str(validated)
+    return summary
+
+
+VALIDATED_MODEL = "validated_model"
+REFIT_DIR = "refit"
+
+
+def _save_validated_model(config: Config, data_dir: Path, output_dir: Path, summary: dict[str, Any]) -> None:
+    """``validated_model/``: the best model of the validated run, with the neighbour table of
+    training events fused at the weight that validation prefers."""
+    from ..checkpoint import load_checkpoint
+    from ..evaluation.evaluator import evaluate
+    from ..models.item_knn import ItemCooccurrence
+
+    model, _, info = load_checkpoint(output_dir / "best_model", verify=False)
+    knn = config.model.item_knn
+    extra: dict[str, Any] = {"summary": summary}
+    if knn.enabled:
+        data = ProcessedData(data_dir)
+        started = time.perf_counter()
+        table = ItemCooccurrence.from_data(data, include_valid=False, window=knn.window, history=knn.history,
+                                           decay=knn.decay, scale=knn.scale, max_neighbors=knn.max_neighbors)
+        print(f"item_knn: {table.info['pairs']:,} neighbour pairs from training events "
+              f"({time.perf_counter() - started:.1f}s)", flush=True)
+        stage_a = config.stage_a
+        grid = [knn.weight] if knn.weight is not None else sorted(set(knn.weight_grid))
+        by_weight = {}
+        for weight in grid:
+            model.attach_item_knn(table, weight)
+            result = evaluate(model, data, "valid", config.evaluation, config.model.max_seq_len,
+                              protocols=(stage_a.eval_protocol,), max_users=stage_a.eval_max_users)
+            by_weight[weight] = float(result[stage_a.eval_protocol]["NDCG@10"])
+            print(f"item_knn: weight {weight:g}: valid NDCG@10 {by_weight[weight]:.4f}", flush=True)
+        best = max(grid, key=lambda w: (by_weight[w], -w))  # ties: the smaller weight
+        model.attach_item_knn(table, best)
+        extra["item_knn_valid_ndcg10"] = {f"{w:g}": v for w, v in by_weight.items()}
+        extra["metrics"] = {**info.get("metrics", {}), "NDCG@10_fused": by_weight[best]}
+        print(f"item_knn: weight {best:g} (validation NDCG@10 {by_weight[best]:.4f}, model alone "
+              f"{info.get('metrics', {}).get('NDCG@10', float('nan')):.4f})", flush=True)
+    keep = {k: info[k] for k in ("epoch", "global_step", "metrics", "best_epoch", "trained_on") if k in info}
+    save_checkpoint(output_dir / VALIDATED_MODEL, model, config, {**keep, **extra}, data_dir)
+
+
+def _save_final_model(config: Config, data_dir: Path, output_dir: Path, source: Path, validated: dict) -> None:
+    """``best_model/``: the refit (or the validated model) with the neighbour table of
+    training + validation events: what serves users and what the test split measures."""
+    from ..checkpoint import load_checkpoint
+    from ..models.item_knn import ItemCooccurrence
+
+    model, _, info = load_checkpoint(source, verify=False)
+    knn = config.model.item_knn
+    extra: dict[str, Any] = {
+        "validated_model": str((output_dir / VALIDATED_MODEL).resolve()),
+        "metrics": validated.get("metrics", {}),  # validation figures of the validated run
+        "best_epoch": validated.get("best_epoch"),
+    }
+    if knn.enabled:
+        weight = float(validated["item_knn"]["weight"])
+        table = ItemCooccurrence.from_data(ProcessedData(data_dir), include_valid=True, window=knn.window,
+                                           history=knn.history, decay=knn.decay, scale=knn.scale,
+                                           max_neighbors=knn.max_neighbors)
+        model.attach_item_knn(table, weight)
+        extra["item_knn_valid_ndcg10"] = validated.get("item_knn_valid_ndcg10")
+    keep = {k: info[k] for k in ("epoch", "global_step", "trained_on") if k in info}
+    save_checkpoint(output_dir / "best_model", model, config, {**keep, **extra}, data_dir)
+    print(f"final model: {output_dir / 'best_model'} (trained on {info.get('trained_on', 'train')} events"
+          f"{', item_knn weight %g over training + validation events' % model.item_knn_weight if knn.enabled else ''}); "
+          f"evaluate it on the test split", flush=True)
