@@ -1,6 +1,6 @@
 """The reference SASRec trained on Beauty and evaluated by our evaluator (same candidates).
 
-    python benchmarks/sasrec_beauty.py [--minutes 30] [--epochs 200] [--threads 2]
+    python benchmarks/sasrec_beauty.py [--minutes 30] [--epochs 200] [--threads 2] [--item-knn]
 
 Trains benchmarks/sasrec_reference.py (SASRec.pytorch's model and defaults: width 50,
 2 blocks, 1 head, dropout 0.5 as the SASRec paper uses on Beauty, BCE with one negative,
@@ -40,6 +40,9 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--eval-every", type=int, default=5)
+    parser.add_argument("--item-knn", action="store_true",
+                        help="also report SASRec + the item co-occurrence neighbours (model.item_knn's defaults), "
+                             "fused as config/beauty.yaml fuses them: weight picked on validation")
     parser.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "llmrec-bench"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -78,7 +81,9 @@ def main() -> None:
         if out_of_time:
             break
     model.load_state_dict(best[2])
+    model.eval()
     test = evaluate(model, data, "test", eval_config, 50)
+    fused = fuse_item_knn(model, data, eval_config) if args.item_knn else None
     result = {
         "benchmark": "sasrec_beauty",
         "model": "reference SASRec (benchmarks/sasrec_reference.py), BCE, width 50, 2 blocks, 1 head",
@@ -92,12 +97,52 @@ def main() -> None:
         "threads": args.threads,
         "history": history,
         "test": {p: {k: v for k, v in test[p].items() if isinstance(v, (int, float, list))} for p in ("sampled", "full")},
+        "with_item_knn": fused,
         "machine": machine(),
         "command": "python benchmarks/sasrec_beauty.py " + " ".join(sys.argv[1:]),
     }
     print(f"test sampled NDCG@10 {test['sampled']['NDCG@10']:.4f} HR@10 {test['sampled']['HR@10']:.4f}; "
           f"full NDCG@10 {test['full']['NDCG@10']:.4f} HR@10 {test['full']['HR@10']:.4f} (best epoch {best[1]})")
-    write_result("sasrec_beauty", result)
+    if fused is not None:
+        print(f"SASRec + item_knn (weight {fused['weight']:g}): test sampled NDCG@10 "
+              f"{fused['test']['sampled']['NDCG@10']:.4f}; full NDCG@10 {fused['test']['full']['NDCG@10']:.4f}")
+    write_result("sasrec_beauty" + ("_item_knn" if args.item_knn else ""), result)
+
+
+class _Fused:
+    """A scorer: SASRec's scores + weight * the neighbours' votes (as StageAModel fuses them)."""
+
+    def __init__(self, model, table, weight: float) -> None:
+        self.model, self.table, self.weight = model, table, weight
+
+    def full_sort_predict(self, user_ids, item_seq):
+        return self.model.full_sort_predict(user_ids, item_seq) + self.weight * self.table.full_scores(item_seq)
+
+    def predict_candidates(self, user_ids, item_seq, candidates):
+        scores = self.model.predict_candidates(user_ids, item_seq, candidates)
+        return scores + self.weight * self.table.candidate_scores(item_seq, candidates)
+
+
+def fuse_item_knn(model, data, eval_config) -> dict:
+    """Weight picked on validation (train-only table), test with the train+valid table."""
+    from llm_recommender.config import ItemKNNConfig
+    from llm_recommender.models.item_knn import ItemCooccurrence
+
+    knn = ItemKNNConfig()
+    settings = dict(window=knn.window, history=knn.history, decay=knn.decay, scale=knn.scale)
+    train_only = ItemCooccurrence.from_data(data, include_valid=False, **settings)
+    by_weight = {}
+    for weight in knn.weight_grid:
+        valid = evaluate(_Fused(model, train_only, weight), data, "valid", eval_config, 50, protocols=("sampled",))
+        by_weight[weight] = valid["sampled"]["NDCG@10"]
+    best = max(by_weight, key=lambda w: (by_weight[w], -w))
+    with_valid = ItemCooccurrence.from_data(data, include_valid=True, **settings)
+    test = evaluate(_Fused(model, with_valid, best), data, "test", eval_config, 50)
+    return {
+        "weight": best,
+        "valid_NDCG@10_by_weight": {f"{w:g}": v for w, v in by_weight.items()},
+        "test": {p: {k: v for k, v in test[p].items() if isinstance(v, (int, float, list))} for p in ("sampled", "full")},
+    }
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from llm_recommender.config import ItemKNNConfig, load_config
 from llm_recommender.data.dataset import ProcessedData
 from llm_recommender.errors import ConfigError, DataError
 from llm_recommender.evaluation.baselines import ItemKNNBaseline, PopularityBaseline, get_baseline
-from llm_recommender.evaluation.evaluator import evaluate
+from llm_recommender.evaluation.evaluator import evaluate, run_evaluation_command
 from llm_recommender.models.item_knn import ItemCooccurrence, history_tail
 from llm_recommender.models.stage_a_model import StageAModel
 from llm_recommender.serving.recommend import Recommender
@@ -161,6 +161,14 @@ def test_staged_run_validates_refits_and_fuses(tiny_data, tmp_path):  # noqa: F8
     assert test["sampled"]["NDCG@10"] > 0.2
     with pytest.raises(DataError, match="counts the validation events"):
         evaluate(model, data, "valid", saved.evaluation, saved.model.max_seq_len)
+    # The command: a refit is refused on validation even without its table; --without-item-knn
+    # scores the network alone.
+    with pytest.raises(DataError, match="a refit trained on the validation events"):
+        run_evaluation_command(checkpoint=run / "best_model", split="valid", item_knn=False)
+    alone = run_evaluation_command(checkpoint=run / "best_model", split="test", protocols="sampled", item_knn=False)
+    fused = run_evaluation_command(checkpoint=run / "best_model", split="test", protocols="sampled")
+    assert alone["item_knn"] is None and fused["item_knn"]["weight"] == final["item_knn"]["weight"]
+    assert fused["sampled"]["NDCG@10"] == pytest.approx(test["sampled"]["NDCG@10"], abs=1e-9)
     # The validated model is evaluable on validation and gives what checkpoint.json recorded.
     selected, _, _ = load_checkpoint(run / "validated_model")
     valid = evaluate(selected, data, "valid", saved.evaluation, saved.model.max_seq_len, protocols=("sampled",))

@@ -95,6 +95,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         baseline=args.baseline,
         split=args.split,
         protocols=args.protocol,
+        item_knn=not args.without_item_knn,
     )
     return 0
 
@@ -247,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--protocol", default="both", choices=["both", "sampled", "full"], help="which protocols to run"
     )
+    p.add_argument("--without-item-knn", "--without_item_knn", dest="without_item_knn", action="store_true",
+                   help="score with the network alone (a checkpoint trained with model.item_knn.enabled)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("recommend", help="top-K item ids for a user, a history or all users")

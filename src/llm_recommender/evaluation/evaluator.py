@@ -719,6 +719,7 @@ def run_evaluation_command(
     baseline: str | None = None,
     split: str | None = None,
     protocols: str | Sequence[str] = "both",
+    item_knn: bool = True,
 ) -> dict[str, Any]:
     """``llmrec evaluate``: metrics of a checkpoint or a baseline, printed and written as JSON.
 
@@ -734,6 +735,8 @@ def run_evaluation_command(
         split: ``valid`` or ``test``; ``None`` takes ``evaluation.split``.
         protocols: ``both`` (sampled, plus full when ``evaluation.full_ranking``), ``sampled``,
             ``full``, or a sequence of them.
+        item_knn: ``False`` scores a checkpoint's network alone, without the item neighbour
+            table it fuses (``--without-item-knn``).
 
     Returns:
         The JSON payload written.
@@ -759,6 +762,8 @@ def run_evaluation_command(
                 f"{data_dir}: {data.num_items} items, but {checkpoint} was trained on "
                 f"{info['num_items']}; give the --data_dir it was trained on"
             )
+        if not item_knn:
+            model.attach_item_knn(None, 0.0)
         scorer = model
     else:
         if data_dir is None:
@@ -768,6 +773,11 @@ def run_evaluation_command(
         info = {}
     eval_config = config.evaluation
     split = split or eval_config.split
+    if split == "valid" and info.get("trained_on") == "train+valid":
+        raise DataError(
+            f"{checkpoint}: a refit trained on the validation events (stage_a.refit_on_valid): "
+            "evaluate it on the test split, or evaluate validated_model/ on valid"
+        )
     if isinstance(protocols, str) and protocols == "both":
         protocols = PROTOCOLS if eval_config.full_ranking else ("sampled",)
     protocols = _protocol_tuple(protocols)
@@ -796,6 +806,11 @@ def run_evaluation_command(
         "full": result.get("full"),
         "checkpoint": str(Path(checkpoint).resolve()) if checkpoint is not None else None,
         "baseline": baseline,
+        "item_knn": (
+            {"weight": scorer.item_knn_weight, **scorer.item_knn.info}
+            if getattr(scorer, "item_knn", None) is not None
+            else None
+        ),
         "data_dir": str(Path(data_dir).resolve()),
         "data_sha256": (data.meta.get("source") or {}).get("sha256"),
         "data_fingerprint": data_fingerprint(data),
