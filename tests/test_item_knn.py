@@ -192,3 +192,21 @@ def test_staged_run_validates_refits_and_fuses(tiny_data, tmp_path):  # noqa: F8
     assert again["validated_model"] == str(run / "validated_model")
     user = torch.tensor([5])
     assert torch.equal(refit_model.full_sort_predict(user, history), model.full_sort_predict(user, history))
+
+
+@pytest.mark.slow
+def test_staged_run_over_two_processes(tiny_data, tmp_path):  # noqa: F811
+    """The validated run, the tuning on rank 0 and the refit work under 2 gloo processes."""
+    from test_trainer import TINY, _launch_two
+
+    overrides = [*TINY, "stage_a.num_epochs=2", "stage_a.batch_size=16", "model.item_knn.enabled=true",
+                 "stage_a.refit_on_valid=true", "stage_a.eval_max_users=100", "model.item_knn.weight_grid=[0,2]"]
+    run = tmp_path / "ddp"
+    result = _launch_two(["train", "--data_dir", str(tiny_data), "--output_dir", str(run),
+                          *[x for o in overrides for x in ("--set", o)]])
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = json.loads((run / "best_model" / "checkpoint.json").read_text())
+    assert final["trained_on"] == "train+valid" and final["epoch"] >= 1
+    assert final["item_knn"]["events"] == "train+valid"
+    assert (run / "validated_model" / "item_knn.safetensors").is_file()
+    assert result.stdout.count("final model:") == 1  # rank 0 alone writes it

@@ -48,8 +48,9 @@ def history_tail(item_seq: torch.Tensor, count: int) -> torch.Tensor:
 
 def _pairs_within_window(items: np.ndarray, owners: np.ndarray, allowed: np.ndarray, window: int, stride: int):
     """Unique (src, dst) keys of items within ``window`` events of each other, both orders,
-    with their counts."""
-    keys, counts = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    with their counts. One int64 per pair occurrence, sorted in place: Kindle scale (8M
+    events, window 10: 150M occurrences, 74M distinct pairs) peaks at ~3 GiB."""
+    pieces = []
     for gap in range(1, window + 1):
         first = np.arange(len(items) - gap)
         second = first + gap
@@ -57,11 +58,30 @@ def _pairs_within_window(items: np.ndarray, owners: np.ndarray, allowed: np.ndar
         a, b = items[first[ok]], items[second[ok]]
         distinct = a != b  # an item repeated within a window is not its own neighbour
         a, b = a[distinct], b[distinct]
-        merged = np.concatenate([keys, a * stride + b, b * stride + a])
-        weights = np.concatenate([counts, np.ones(2 * len(a), np.int64)])
-        keys, inverse = np.unique(merged, return_inverse=True)
-        counts = np.bincount(inverse, weights=weights, minlength=len(keys)).astype(np.int64)
-    return keys, counts
+        pieces += [a * stride + b, b * stride + a]
+    keys = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
+    del pieces
+    keys.sort()
+    if len(keys) == 0:
+        return keys, np.zeros(0, np.int64)
+    new_run = np.empty(len(keys), dtype=bool)
+    new_run[0] = True
+    np.not_equal(keys[1:], keys[:-1], out=new_run[1:])
+    starts = np.flatnonzero(new_run)
+    del new_run
+    counts = np.diff(np.append(starts, len(keys)))
+    return keys[starts], counts
+
+
+def _similarities(keys: np.ndarray, counts: np.ndarray, occurrences: np.ndarray, stride: int, scale: float,
+                  chunk: int = 1 << 23) -> np.ndarray:
+    """``log1p(scale * c_ij / sqrt(n_i n_j))`` as float32, in chunks (bounded temporaries)."""
+    values = np.empty(len(keys), dtype=np.float32)
+    for start in range(0, len(keys), chunk):
+        part = keys[start : start + chunk]
+        cosine = counts[start : start + chunk] / np.sqrt(occurrences[part // stride] * occurrences[part % stride])
+        values[start : start + chunk] = np.log1p(scale * cosine)
+    return values
 
 
 class ItemCooccurrence:
@@ -127,10 +147,10 @@ class ItemCooccurrence:
         stride = data.num_items + 1
         keys, counts = _pairs_within_window(items, owners, allowed, int(window), stride)
         occurrences = np.bincount(items[allowed], minlength=stride).astype(np.float64) + 1.0  # smoothed
-        src, dst = keys // stride, keys % stride
-        cosine = counts / np.sqrt(occurrences[src] * occurrences[dst])
-        values = np.log1p(scale * cosine)
+        values = _similarities(keys, counts, occurrences, stride, scale)
+        del counts
         if max_neighbors is not None and len(keys):
+            src = keys // stride
             order = np.lexsort((-values, src))  # by row, most similar first
             row_start = np.searchsorted(src[order], src[order])
             keep = np.sort(order[(np.arange(len(order)) - row_start) < max_neighbors])
@@ -142,7 +162,7 @@ class ItemCooccurrence:
             "max_neighbors": max_neighbors,
             "pairs": int(len(keys)),
         }
-        return cls(torch.from_numpy(keys), torch.from_numpy(values.astype(np.float32)), data.num_items,
+        return cls(torch.from_numpy(keys), torch.from_numpy(values), data.num_items,
                    history, decay, info)
 
     @property
