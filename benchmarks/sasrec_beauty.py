@@ -129,14 +129,13 @@ def fuse_item_knn(model, data, eval_config) -> dict:
     from llm_recommender.models.item_knn import ItemCooccurrence
 
     knn = ItemKNNConfig()
-    settings = dict(window=knn.window, history=knn.history, decay=knn.decay, scale=knn.scale)
-    train_only = ItemCooccurrence.from_data(data, include_valid=False, **settings)
+    train_only = ItemCooccurrence.from_config(data, include_valid=False, settings=knn)
     by_weight = {}
     for weight in knn.weight_grid:
         valid = evaluate(_Fused(model, train_only, weight), data, "valid", eval_config, 50, protocols=("sampled",))
         by_weight[weight] = valid["sampled"]["NDCG@10"]
     best = max(by_weight, key=lambda w: (by_weight[w], -w))
-    with_valid = ItemCooccurrence.from_data(data, include_valid=True, **settings)
+    with_valid = ItemCooccurrence.from_config(data, include_valid=True, settings=knn)
     test = evaluate(_Fused(model, with_valid, best), data, "test", eval_config, 50)
     return {
         "weight": best,

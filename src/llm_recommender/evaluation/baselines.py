@@ -166,11 +166,7 @@ class ItemKNNBaseline:
         from ..config import ItemKNNConfig
         from ..models.item_knn import ItemCooccurrence
 
-        knn = settings or ItemKNNConfig()
-        self.table = ItemCooccurrence.from_data(
-            data, include_valid, window=knn.window, history=knn.history, decay=knn.decay,
-            scale=knn.scale, max_neighbors=knn.max_neighbors,
-        )
+        self.table = ItemCooccurrence.from_config(data, include_valid, settings or ItemKNNConfig())
         popularity = data.item_popularity(include_valid=include_valid).astype(np.float64)
         # Below the smallest similarity (log1p(scale * cosine) of one co-occurrence): ties only.
         self.backoff = torch.from_numpy(1e-6 * popularity / (popularity.max() + 1.0)).float()  # (I+1,)

@@ -165,6 +165,12 @@ class ItemCooccurrence:
         return cls(torch.from_numpy(keys), torch.from_numpy(values), data.num_items,
                    history, decay, info)
 
+    @classmethod
+    def from_config(cls, data, include_valid: bool, settings) -> "ItemCooccurrence":
+        """:meth:`from_data` with an :class:`~llm_recommender.config.ItemKNNConfig`'s settings."""
+        return cls.from_data(data, include_valid, window=settings.window, history=settings.history,
+                             decay=settings.decay, scale=settings.scale, max_neighbors=settings.max_neighbors)
+
     @property
     def counts_validation_events(self) -> bool:
         return self.info.get("events") == "train+valid"

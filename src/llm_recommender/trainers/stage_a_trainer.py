@@ -857,8 +857,7 @@ def _save_validated_model(config: Config, data_dir: Path, output_dir: Path, summ
     if knn.enabled:
         data = ProcessedData(data_dir)
         started = time.perf_counter()
-        table = ItemCooccurrence.from_data(data, include_valid=False, window=knn.window, history=knn.history,
-                                           decay=knn.decay, scale=knn.scale, max_neighbors=knn.max_neighbors)
+        table = ItemCooccurrence.from_config(data, include_valid=False, settings=knn)
         print(f"item_knn: {table.info['pairs']:,} neighbour pairs from training events "
               f"({time.perf_counter() - started:.1f}s)", flush=True)
         stage_a = config.stage_a
@@ -895,9 +894,7 @@ def _save_final_model(config: Config, data_dir: Path, output_dir: Path, source: 
     }
     if knn.enabled:
         weight = float(validated["item_knn"]["weight"])
-        table = ItemCooccurrence.from_data(ProcessedData(data_dir), include_valid=True, window=knn.window,
-                                           history=knn.history, decay=knn.decay, scale=knn.scale,
-                                           max_neighbors=knn.max_neighbors)
+        table = ItemCooccurrence.from_config(ProcessedData(data_dir), include_valid=True, settings=knn)
         model.attach_item_knn(table, weight)
         extra["item_knn_valid_ndcg10"] = validated.get("item_knn_valid_ndcg10")
     keep = {k: info[k] for k in ("epoch", "global_step", "trained_on") if k in info}
