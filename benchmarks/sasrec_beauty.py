@@ -1,6 +1,6 @@
 """The reference SASRec trained on Beauty and evaluated by our evaluator (same candidates).
 
-    python benchmarks/sasrec_beauty.py [--minutes 30] [--epochs 200] [--threads 2] [--item-knn]
+    python benchmarks/sasrec_beauty.py [--minutes 30] [--epochs 200] [--threads 2] [--item-knn] [--refit]
 
 Trains benchmarks/sasrec_reference.py (SASRec.pytorch's model and defaults: width 50,
 2 blocks, 1 head, dropout 0.5 as the SASRec paper uses on Beauty, BCE with one negative,
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, preprocessed_beauty, write_result  # noqa: E402
 from sasrec_reference import SASRec, SASRecSampler  # noqa: E402
 
-from llm_recommender.config import EvaluationConfig  # noqa: E402
+from llm_recommender.config import EvaluationConfig, ItemKNNConfig  # noqa: E402
 from llm_recommender.data.dataset import ProcessedData  # noqa: E402
 from llm_recommender.evaluation.evaluator import evaluate  # noqa: E402
 
@@ -43,6 +43,9 @@ def main() -> None:
     parser.add_argument("--item-knn", action="store_true",
                         help="also report SASRec + the item co-occurrence neighbours (model.item_knn's defaults), "
                              "fused as config/beauty.yaml fuses them: weight picked on validation")
+    parser.add_argument("--refit", action="store_true",
+                        help="also train again from scratch on training + validation events for the best epoch "
+                             "count (as stage_a.refit_on_valid) and report its test figures")
     parser.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "llmrec-bench"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -51,23 +54,15 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     data = ProcessedData(preprocessed_beauty(work))
     eval_config = EvaluationConfig()
-    model = SASRec(data.num_items, hidden=50, num_blocks=2, num_heads=1, dropout=args.dropout, max_len=50)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.98))
-    sampler = SASRecSampler([data.train_sequence(u) for u in range(1, data.num_users + 1)], data.num_items, 50, args.seed)
+    model, optimizer, sampler = build(data, args)
     steps_per_epoch = data.num_users // 128
     started = time.time()
     train_seconds = 0.0
     best = (-1.0, 0, None)
     history = []
     for epoch in range(1, args.epochs + 1):
-        model.train()
         t0 = time.perf_counter()
-        for _ in range(steps_per_epoch):
-            seq, pos, neg = (torch.from_numpy(x) for x in sampler.batch(128))
-            loss = model.loss(seq, pos, neg)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        loss = train_epoch(model, optimizer, sampler, steps_per_epoch)
         train_seconds += time.perf_counter() - t0
         out_of_time = train_seconds > args.minutes * 60
         if epoch % args.eval_every == 0 or out_of_time or epoch == args.epochs:
@@ -84,6 +79,25 @@ def main() -> None:
     model.eval()
     test = evaluate(model, data, "test", eval_config, 50)
     fused = fuse_item_knn(model, data, eval_config) if args.item_knn else None
+    refit = None
+    if args.refit:
+        # As stage_a.refit_on_valid: from scratch, same seed, on training + validation events,
+        # for the epoch count validation chose; then test alone and with the neighbours.
+        torch.manual_seed(args.seed)
+        refit_model, refit_optimizer, refit_sampler = build(ProcessedData(data.path, train_through="valid"), args)
+        t0 = time.perf_counter()
+        for _ in range(best[1]):
+            train_epoch(refit_model, refit_optimizer, refit_sampler, steps_per_epoch)
+        refit_seconds = time.perf_counter() - t0
+        refit_model.eval()
+        alone = evaluate(refit_model, data, "test", eval_config, 50)
+        refit = {"epochs": best[1], "train_seconds": round(refit_seconds, 1), "test": _figures(alone)}
+        if fused is not None:
+            from llm_recommender.models.item_knn import ItemCooccurrence
+
+            table = ItemCooccurrence.from_config(data, include_valid=True, settings=ItemKNNConfig())
+            both = evaluate(_Fused(refit_model, table, fused["weight"]), data, "test", eval_config, 50)
+            refit["test_with_item_knn"] = _figures(both)
     result = {
         "benchmark": "sasrec_beauty",
         "model": "reference SASRec (benchmarks/sasrec_reference.py), BCE, width 50, 2 blocks, 1 head",
@@ -98,6 +112,7 @@ def main() -> None:
         "history": history,
         "test": {p: {k: v for k, v in test[p].items() if isinstance(v, (int, float, list))} for p in ("sampled", "full")},
         "with_item_knn": fused,
+        "refit": refit,
         "machine": machine(),
         "command": "python benchmarks/sasrec_beauty.py " + " ".join(sys.argv[1:]),
     }
@@ -106,7 +121,35 @@ def main() -> None:
     if fused is not None:
         print(f"SASRec + item_knn (weight {fused['weight']:g}): test sampled NDCG@10 "
               f"{fused['test']['sampled']['NDCG@10']:.4f}; full NDCG@10 {fused['test']['full']['NDCG@10']:.4f}")
-    write_result("sasrec_beauty" + ("_item_knn" if args.item_knn else ""), result)
+    if refit is not None:
+        print(f"SASRec refit ({best[1]} epochs on train + valid): test sampled NDCG@10 "
+              f"{refit['test']['sampled']['NDCG@10']:.4f}"
+              + (f"; + item_knn {refit['test_with_item_knn']['sampled']['NDCG@10']:.4f}" if fused else ""))
+    suffix = ("_item_knn" if args.item_knn else "") + ("_refit" if args.refit else "")
+    write_result("sasrec_beauty" + suffix, result)
+
+
+def build(data, args):
+    """SASRec, its optimizer and its sampler over ``data``'s training sequences."""
+    model = SASRec(data.num_items, hidden=50, num_blocks=2, num_heads=1, dropout=args.dropout, max_len=50)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.98))
+    sampler = SASRecSampler([data.train_sequence(u) for u in range(1, data.num_users + 1)], data.num_items, 50, args.seed)
+    return model, optimizer, sampler
+
+
+def train_epoch(model, optimizer, sampler, steps: int) -> torch.Tensor:
+    model.train()
+    for _ in range(steps):
+        seq, pos, neg = (torch.from_numpy(x) for x in sampler.batch(128))
+        loss = model.loss(seq, pos, neg)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return loss.detach()
+
+
+def _figures(result: dict) -> dict:
+    return {p: {k: v for k, v in result[p].items() if isinstance(v, (int, float, list))} for p in ("sampled", "full")}
 
 
 class _Fused:
@@ -125,7 +168,6 @@ class _Fused:
 
 def fuse_item_knn(model, data, eval_config) -> dict:
     """Weight picked on validation (train-only table), test with the train+valid table."""
-    from llm_recommender.config import ItemKNNConfig
     from llm_recommender.models.item_knn import ItemCooccurrence
 
     knn = ItemKNNConfig()
