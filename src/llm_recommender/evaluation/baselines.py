@@ -27,13 +27,7 @@ import torch
 
 from ..data.dataset import ProcessedData
 from ..errors import ConfigError
-
-
-def _last_items(item_seq: torch.Tensor) -> torch.Tensor:
-    """Most recent item of each row, for right or left padding (0 for an empty row)."""
-    positions = torch.arange(item_seq.shape[1], device=item_seq.device)  # (T,)
-    last = ((item_seq != 0) * (positions + 1)).argmax(dim=1)  # (B,): last non-padding column
-    return item_seq.gather(1, last.view(-1, 1)).view(-1)
+from ..models.item_knn import ItemCooccurrence
 
 
 class PopularityBaseline:
@@ -96,7 +90,24 @@ class RandomBaseline:
         return self._scores(user_ids.view(-1, 1).long(), candidates.long())  # (B, C)
 
 
-class MarkovBaseline:
+class _TableBaseline:
+    """Scores of an item table (:class:`ItemCooccurrence`) over the last history items, plus a
+    popularity ``backoff`` below the table's smallest value (ties only)."""
+
+    table: ItemCooccurrence
+    backoff: torch.Tensor  # (I+1,)
+
+    def full_sort_predict(self, user_ids: torch.Tensor, item_seq: torch.Tensor) -> torch.Tensor:
+        return self.table.full_scores(item_seq) + self.backoff.to(item_seq.device)
+
+    def predict_candidates(
+        self, user_ids: torch.Tensor, item_seq: torch.Tensor, candidates: torch.Tensor
+    ) -> torch.Tensor:
+        scores = self.table.candidate_scores(item_seq, candidates)
+        return scores + self.backoff.to(candidates.device)[candidates]
+
+
+class MarkovBaseline(_TableBaseline):
     """First-order transition counts from the last history item, backed off to popularity.
 
     Args:
@@ -118,42 +129,15 @@ class MarkovBaseline:
         same_user[offsets[1:-1][offsets[1:-1] < len(items)]] = False  # first event of a user
         later = np.flatnonzero(same_user[1:] & allowed[1:]) + 1 if len(items) > 1 else np.zeros(0, np.int64)
         keys, counts = np.unique(items[later - 1] * stride + items[later], return_counts=True)
-        self.transition_keys = torch.from_numpy(keys)  # (P,) sorted src * stride + dst
-        self.transition_counts = torch.from_numpy(counts.astype(np.float32))  # (P,)
-        sources = keys // stride
-        self.row_starts = torch.from_numpy(np.searchsorted(sources, np.arange(stride + 1)))  # (I+2,)
+        # A neighbour table whose only voter is the last item and whose similarity is the
+        # transition count: the same lookups as the fused item neighbours.
+        self.table = ItemCooccurrence(torch.from_numpy(keys), torch.from_numpy(counts.astype(np.float32)),
+                                      data.num_items, history=1, decay=1.0)
         popularity = data.item_popularity(include_valid=include_valid).astype(np.float64)
         self.backoff = torch.from_numpy(popularity / (popularity.max() + 1.0)).float()  # (I+1,) < 1
 
-    def full_sort_predict(self, user_ids: torch.Tensor, item_seq: torch.Tensor) -> torch.Tensor:
-        device = item_seq.device
-        last = _last_items(item_seq).cpu()  # (B,)
-        scores = self.backoff.unsqueeze(0).repeat(len(last), 1)  # (B, I+1)
-        starts, ends = self.row_starts[last], self.row_starts[last + 1]  # (B,)
-        lengths = ends - starts
-        rows = torch.repeat_interleave(torch.arange(len(last)), lengths)  # (P_b,)
-        first = torch.cumsum(lengths, 0) - lengths
-        flat = torch.repeat_interleave(starts - first, lengths) + torch.arange(int(lengths.sum()))
-        columns = self.transition_keys[flat] - last[rows] * (self.num_items + 1)
-        scores.index_put_((rows, columns), self.transition_counts[flat], accumulate=True)
-        return scores.to(device)
 
-    def predict_candidates(
-        self, user_ids: torch.Tensor, item_seq: torch.Tensor, candidates: torch.Tensor
-    ) -> torch.Tensor:
-        device = candidates.device
-        last = _last_items(item_seq).cpu().view(-1, 1)  # (B, 1)
-        candidates = candidates.cpu().long()
-        queries = last * (self.num_items + 1) + candidates  # (B, C)
-        counts = torch.zeros(queries.shape, dtype=torch.float32)
-        if len(self.transition_keys):
-            idx = torch.searchsorted(self.transition_keys, queries).clamp_(max=len(self.transition_keys) - 1)
-            found = self.transition_keys[idx] == queries
-            counts = torch.where(found, self.transition_counts[idx], counts)
-        return (counts + self.backoff[candidates]).to(device)
-
-
-class ItemKNNBaseline:
+class ItemKNNBaseline(_TableBaseline):
     """Item co-occurrence neighbours of the last history items (see the module docstring).
 
     Args:
@@ -164,21 +148,11 @@ class ItemKNNBaseline:
 
     def __init__(self, data: ProcessedData, include_valid: bool = False, settings=None) -> None:
         from ..config import ItemKNNConfig
-        from ..models.item_knn import ItemCooccurrence
 
         self.table = ItemCooccurrence.from_config(data, include_valid, settings or ItemKNNConfig())
         popularity = data.item_popularity(include_valid=include_valid).astype(np.float64)
         # Below the smallest similarity (log1p(scale * cosine) of one co-occurrence): ties only.
         self.backoff = torch.from_numpy(1e-6 * popularity / (popularity.max() + 1.0)).float()  # (I+1,)
-
-    def full_sort_predict(self, user_ids: torch.Tensor, item_seq: torch.Tensor) -> torch.Tensor:
-        return self.table.full_scores(item_seq) + self.backoff.to(item_seq.device)
-
-    def predict_candidates(
-        self, user_ids: torch.Tensor, item_seq: torch.Tensor, candidates: torch.Tensor
-    ) -> torch.Tensor:
-        scores = self.table.candidate_scores(item_seq, candidates)
-        return scores + self.backoff.to(candidates.device)[candidates]
 
 
 BASELINES = (
