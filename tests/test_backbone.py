@@ -243,3 +243,21 @@ def test_hub_name_loads_offline_from_the_hf_cache(tmp_path):
                             env=env, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
     json.loads((snapshot / "config.json").read_text())  # a real config was written
+
+
+def test_random_init_takes_the_initializer_range_and_activation():
+    model_config = _model_config("model.random_init_stage_a_llm=true", "model.base_llm=gpt2", *TINY,
+                                 "model.initializer_range=0.1", "model.activation=relu")
+    backbone, _, _ = load_backbone(model_config)
+    assert backbone.config.initializer_range == 0.1 and backbone.config.activation_function == "relu"
+    weight = backbone.h[0].mlp.c_fc.weight
+    assert 0.08 < float(weight.std()) < 0.12  # drawn with the given std, not GPT-2's 0.02
+    llama = _model_config("model.random_init_stage_a_llm=true", "model.base_llm=HuggingFaceTB/SmolLM2-135M",
+                          *TINY, "model.activation=gelu")
+    assert load_backbone(llama)[0].config.hidden_act == "gelu"
+    with pytest.raises(ConfigError, match="not a transformers activation"):
+        load_backbone(_model_config("model.random_init_stage_a_llm=true", "model.base_llm=gpt2", *TINY,
+                                    "model.activation=swishy"))
+    with pytest.raises(ConfigError, match="random_init_stage_a_llm: true only"):
+        load_backbone(_model_config(f"model.base_llm={shared_path('models', 'stories260k-llama')}",
+                                    "model.activation=relu"))

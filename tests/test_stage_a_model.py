@@ -278,3 +278,25 @@ def test_every_trainable_parameter_gets_a_gradient(overrides):
     model.calculate_loss(batch)["loss"].backward()
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert no_grad == []
+
+
+def test_orthogonal_projections_and_the_soft_token_scale():
+    """projection_init=orthogonal keeps the ID vectors' norms and angles through item_proj and
+    out_proj (no bias); soft_token_scale multiplies the soft tokens, as SASRec's sqrt(d)."""
+    torch.manual_seed(0)
+    config = _config(*RANDOM_TINY["gpt2"], "model.projection_init=orthogonal", "model.soft_token_scale=8")
+    model = build_model(config, NUM_USERS, NUM_ITEMS)
+    embeddings = model.embeddings
+    for projection in (embeddings.item_proj, embeddings.user_proj, model.out_proj):
+        weight = projection.weight.detach()  # (out, in)
+        narrow = min(weight.shape)
+        gram = weight.T @ weight if weight.shape[0] >= weight.shape[1] else weight @ weight.T
+        assert torch.allclose(gram, torch.eye(narrow), atol=1e-5)
+        assert torch.all(projection.bias == 0)
+    items = torch.tensor([[1, 5, 0]])
+    rows = embeddings.item_embeddings(items)  # (1, 3, 16)
+    tokens = embeddings.item_tokens(items)  # (1, 3, 32)
+    assert torch.allclose(tokens.norm(dim=-1), 8 * rows.norm(dim=-1), atol=1e-5)
+    assert torch.all(tokens[0, 2] == 0)  # padding stays exactly zero without a bias
+    plain = build_model(_config(*RANDOM_TINY["gpt2"]), NUM_USERS, NUM_ITEMS)
+    assert plain.embeddings.token_scale == 1.0 and plain.embeddings.item_proj.bias.abs().sum() > 0

@@ -225,6 +225,19 @@ class ModelConfig:
     """Random init only: MLP width (``null``: 4 × hidden_size)."""
     dropout: Optional[float] = None
     """Dropout inside the backbone (``null``: the architecture's own; pretrained GPT-2: 0.1)."""
+    initializer_range: Optional[float] = None
+    """Random init only: std of the backbone's normal weight init (``null``: the
+    architecture's own, 0.02 for GPT-2, Qwen2 and Llama)."""
+    activation: Optional[str] = None
+    """Random init only: the MLP activation (``gelu_new``, ``gelu``, ``relu``, ``silu``, ...;
+    ``null``: the architecture's own)."""
+    soft_token_scale: float = 1.0
+    """Fixed multiplier of the projected soft tokens (SASRec multiplies its item embeddings by
+    sqrt(d)): how loudly an item's identity speaks next to the position embeddings."""
+    projection_init: Literal["default", "orthogonal"] = "default"
+    """Init of the projections around the backbone (``item_proj``, ``user_proj``, ``out_proj``):
+    ``default`` is torch's Linear init with a random bias; ``orthogonal`` keeps the ID
+    vectors' geometry (norms and angles) through the projections, biases 0."""
     embedding_dropout: float = 0.0
     """Dropout on the soft-token embeddings before the backbone."""
     max_seq_len: int = 50
@@ -269,6 +282,13 @@ class ModelConfig:
                 self.num_heads,
                 f"must divide model.hidden_size={self.hidden_size}",
             )
+        _check(
+            self.initializer_range is None or self.initializer_range > 0,
+            "model.initializer_range",
+            self.initializer_range,
+            "must be > 0 or null",
+        )
+        _check(self.soft_token_scale > 0, "model.soft_token_scale", self.soft_token_scale, "must be > 0")
         for key in ("dropout", "embedding_dropout", "unknown_user_prob"):
             value = getattr(self, key)
             _check(value is None or 0.0 <= value < 1.0, f"model.{key}", value, "must be in [0, 1)")

@@ -304,6 +304,20 @@ def _apply_random_overrides(config, model_config: ModelConfig, max_tokens: int) 
             config.intermediate_size = inter
     if model_config.dropout is not None:
         _set_dropout(config, model_config.dropout)
+    if model_config.initializer_range is not None:
+        config.initializer_range = model_config.initializer_range
+    if model_config.activation is not None:
+        attr = "activation_function" if config.model_type == "gpt2" else "hidden_act"
+        if not hasattr(config, attr):
+            raise ConfigError(f"model.activation: {config.model_type} has no {attr} setting to change")
+        from transformers.activations import ACT2FN
+
+        if model_config.activation not in ACT2FN:
+            raise ConfigError(
+                f"model.activation={model_config.activation!r} is not a transformers activation "
+                f"(e.g. {', '.join(sorted(k for k in ACT2FN if k in ('gelu', 'gelu_new', 'relu', 'silu')))})"
+            )
+        setattr(config, attr, model_config.activation)
     # Learned absolute positions (GPT-2) must cover [user, item_1..item_T].
     max_pos = getattr(config, "max_position_embeddings", None)
     if max_pos is not None and max_pos < max_tokens:
@@ -318,7 +332,7 @@ def _apply_random_overrides(config, model_config: ModelConfig, max_tokens: int) 
 
 
 def _check_pretrained_overrides(model_config: ModelConfig) -> None:
-    for key in ("hidden_size", "num_heads", "intermediate_size"):
+    for key in ("hidden_size", "num_heads", "intermediate_size", "initializer_range", "activation"):
         if getattr(model_config, key) is not None:
             raise ConfigError(
                 f"model.{key}={getattr(model_config, key)!r} applies to random_init_stage_a_llm: true only; "

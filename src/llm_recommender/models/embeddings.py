@@ -34,6 +34,8 @@ class IDEmbeddings(nn.Module):
         d_model: int,
         init_std: float = 0.02,
         sparse: bool = False,
+        token_scale: float = 1.0,
+        projection_init: str = "default",
     ) -> None:
         super().__init__()
         if num_users < 0 or num_items < 1:
@@ -45,15 +47,27 @@ class IDEmbeddings(nn.Module):
         self.item_embeddings = nn.Embedding(num_items + 1, embedding_dim, padding_idx=0, sparse=sparse)
         self.user_proj = nn.Linear(embedding_dim, d_model)
         self.item_proj = nn.Linear(embedding_dim, d_model)
+        self.token_scale = float(token_scale)
         nn.init.normal_(self.user_embeddings.weight, std=init_std)
         nn.init.normal_(self.item_embeddings.weight, std=init_std)
         with torch.no_grad():
             self.item_embeddings.weight[0].zero_()
+        if projection_init == "orthogonal":
+            for projection in (self.user_proj, self.item_proj):
+                init_orthogonal(projection)
 
     def user_tokens(self, user_ids: torch.Tensor) -> torch.Tensor:
         """Soft tokens of users: ``(...,)`` ids -> ``(..., d_model)``."""
-        return self.user_proj(self.user_embeddings(user_ids))
+        return self.user_proj(self.user_embeddings(user_ids)) * self.token_scale
 
     def item_tokens(self, item_ids: torch.Tensor) -> torch.Tensor:
         """Soft tokens of items: ``(...,)`` ids -> ``(..., d_model)`` (padding gives the bias only)."""
-        return self.item_proj(self.item_embeddings(item_ids))
+        return self.item_proj(self.item_embeddings(item_ids)) * self.token_scale
+
+
+def init_orthogonal(projection: nn.Linear) -> None:
+    """(Semi-)orthogonal weight, zero bias: a projection that keeps norms and angles (exactly
+    when it widens or keeps the width, on its row space when it narrows)."""
+    nn.init.orthogonal_(projection.weight)
+    if projection.bias is not None:
+        nn.init.zeros_(projection.bias)

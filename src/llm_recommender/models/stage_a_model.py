@@ -47,7 +47,7 @@ from torch import nn
 from ..config import Config
 from ..errors import CheckpointError, ConfigError
 from .backbone import apply_finetune_mode, load_backbone
-from .embeddings import IDEmbeddings
+from .embeddings import IDEmbeddings, init_orthogonal
 
 LOSS_KEYS = ("loss", "cross_entropy", "context_bpr", "user_bpr", "l2")
 
@@ -362,9 +362,13 @@ class StageAModel(nn.Module):
             d_model,
             init_std=config.embeddings.init_std,
             sparse=config.embeddings.sparse,
+            token_scale=model_config.soft_token_scale,
+            projection_init=model_config.projection_init,
         )
         self.embedding_dropout = nn.Dropout(model_config.embedding_dropout)
         self.out_proj = nn.Linear(d_model, model_config.embedding_dim)
+        if model_config.projection_init == "orthogonal":
+            init_orthogonal(self.out_proj)
         # Log of the sampled-softmax proposal over items (index 0 never drawn); uniform until
         # set_item_sampling_distribution. Not persistent: the trainer derives it from the data.
         uniform = torch.full((num_items + 1,), -math.log(num_items))
