@@ -283,7 +283,7 @@ def main() -> None:
             out["preprocess"]["stages_s"] = {k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+)", stage_line.group(1).split(";")[0])}
 
     if "train_sampled" in stages:
-        steps = ["stage_a.num_epochs=1"] if args.train_steps == "epoch" else [f"stage_a.max_steps={int(args.train_steps)}"]
+        steps = ["stage_a.epochs=1"] if args.train_steps == "epoch" else [f"stage_a.max_steps={int(args.train_steps)}"]
         shutil.rmtree(sampled_dir, ignore_errors=True)
         overrides = [*SAMPLED, *steps, *threads, "stage_a.log_every_steps=25", "stage_a.eval_max_users=2000"]
         figures = measured("train_sampled", cli("train", "--config", str(RECIPE), "--data_dir", str(processed),

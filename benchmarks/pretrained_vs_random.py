@@ -67,7 +67,7 @@ def main() -> None:
         f"model.num_layers={args.layers}",
         f"runtime.num_threads={args.threads}",
         f"stage_a.max_train_minutes={args.minutes}",
-        "stage_a.num_epochs=100",
+        "stage_a.epochs=100",
         *args.overrides,
     ]
     variants = {

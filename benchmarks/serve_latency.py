@@ -59,7 +59,7 @@ SASREC_OVERRIDES = [
     "model.embedding_dim=64",
     "model.max_seq_len=50",
     "model.unknown_user_prob=0.05",
-    "stage_a.num_epochs=1",
+    "stage_a.epochs=1",
     "stage_a.batch_size=128",
     "stage_a.max_train_minutes=5",
     "stage_a.eval_max_users=2000",
@@ -114,7 +114,7 @@ def prepare_checkpoint(work: Path, data_dir: Path, checkpoint: str | None, threa
     from llm_recommender.trainers.stage_a_trainer import train_stage_a
 
     overrides = [
-        f"runtime.num_threads={threads}", "runtime.device=cpu", "stage_a.num_epochs=1",
+        f"runtime.num_threads={threads}", "runtime.device=cpu", "stage_a.epochs=1",
         "stage_a.max_train_minutes=5", "stage_a.eval_max_users=2000",
     ]
     if SASREC_RECIPE.is_file():

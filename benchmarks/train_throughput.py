@@ -74,7 +74,7 @@ def ours_sequences_per_second(config, data_dir: Path, steps: int, work: Path) ->
 
     run = load_config_with(config, [
         f"stage_a.max_steps={steps}", f"stage_a.log_every_steps={steps}",
-        "stage_a.eval_max_users=64", "stage_a.num_epochs=1000", "stage_a.patience=0",
+        "stage_a.eval_max_users=64", "stage_a.epochs=1000", "stage_a.patience=0",
     ])
     out = Path(tempfile.mkdtemp(dir=work))
     trainer = StageATrainer(run, data_dir, out)

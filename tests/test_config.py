@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, SHARED
 from llm_recommender.config import DATA_FORMATS, Config, DataConfig, load_config, load_saved_config, save_config
 from llm_recommender.errors import ConfigError
 
@@ -85,3 +85,65 @@ def test_cli_prints_one_line_for_a_config_mistake(tmp_path):
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
     assert "did you mean 'data.k_core'" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ---- the spec's configuration block (issue 12)
+
+SPEC_CONFIG = SHARED / "spec" / "config.yaml"
+
+
+def _flatten(mapping: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _spec_values() -> dict:
+    import yaml
+
+    if not SPEC_CONFIG.is_file():
+        pytest.skip(f"the spec's config block is not at {SPEC_CONFIG} (../shared is absent)")
+    return _flatten(yaml.safe_load(SPEC_CONFIG.read_text()))
+
+
+def test_the_spec_config_block_loads_unchanged_key_for_key():
+    spec = _spec_values()
+    config = _flatten(load_config(SPEC_CONFIG).to_dict())
+    for key, value in spec.items():
+        assert key in config, f"the spec's key {key} is not a config key"
+        expected = float(value) if isinstance(value, str) and key.endswith("learning_rate") else value
+        assert config[key] == expected, (key, config[key], value)
+
+
+def test_config_yaml_carries_the_spec_keys_and_values_and_the_dataclass_defaults():
+    spec = _spec_values()
+    ours = _flatten(load_config(REPO_ROOT / "config" / "config.yaml").to_dict())
+    defaults = _flatten(load_config().to_dict())
+    for key, value in spec.items():
+        expected = float(value) if isinstance(value, str) and key.endswith("learning_rate") else value
+        assert ours[key] == expected, (key, ours[key], value)
+    assert ours == defaults, {k: (ours[k], defaults[k]) for k in ours if ours[k] != defaults.get(k)}
+    text = (REPO_ROOT / "config" / "config.yaml").read_text()
+    for key in spec:  # the spec's names, not the aliases, are what config/ shows
+        assert f"  {key.rsplit('.', 1)[1]}:" in text, key
+    for alias in ("num_epochs:", "cross_entropy:"):
+        assert f"  {alias}" not in text
+
+
+def test_an_alias_and_its_spec_name_are_one_setting(tmp_path):
+    assert load_config(None, ["stage_a.num_epochs=3"]).stage_a.epochs == 3
+    assert load_config(None, ["stage_a.loss_weights.cross_entropy=0.5"]).stage_a.loss_weights.collaborative == 0.5
+    path = _yaml(tmp_path, "stage_a:\n  num_epochs: 4\n")
+    assert load_config(path).stage_a.epochs == 4
+    assert load_config(path, ["stage_a.epochs=7"]).stage_a.epochs == 7  # an override wins, by either name
+    saved = tmp_path / "saved.yaml"
+    save_config(load_config(path), saved)
+    both = _yaml(tmp_path, "stage_a:\n  epochs: 4\n  num_epochs: 5\n")
+    with pytest.raises(ConfigError, match="'stage_a.num_epochs' and 'stage_a.epochs' are the same setting"):
+        load_config(both)
+    assert "num_epochs" not in saved.read_text() and load_saved_config(saved).stage_a.epochs == 4

@@ -140,7 +140,7 @@ def test_refit_view_trains_on_validation_events(tmp_path):
 
 def test_staged_run_validates_refits_and_fuses(tiny_data, tmp_path):  # noqa: F811
     run = tmp_path / "run"
-    config = _config("stage_a.num_epochs=3", "model.item_knn.enabled=true", "stage_a.refit_on_valid=true",
+    config = _config("stage_a.epochs=3", "model.item_knn.enabled=true", "stage_a.refit_on_valid=true",
                      "model.item_knn.weight_grid=[0, 1, 4]")
     summary = train_stage_a(config, tiny_data, run)
     validated = json.loads((run / "validated_model" / "checkpoint.json").read_text())

@@ -193,17 +193,70 @@ def test_sparse_tables_need_sampled_cross_entropy():
     assert model.embeddings.user_embeddings.weight.grad.is_sparse
 
 
-def test_l2_term_is_the_squared_rows_in_the_batch_over_batch_size():
-    model = _tiny_model(["stage_a.collaborative.use_bpr_loss=false", "embeddings.lambda_c=0.5"])
+def test_l2_term_is_the_spec_formula_over_the_whole_tables():
+    """L_reg = lambda_c * (||E_user||^2 + ||E_item||^2), weighted by loss_weights.regularization:
+    every row of both tables, not only the batch's, and no division by the batch size."""
+    model = _tiny_model(["stage_a.collaborative.use_bpr_loss=false", "embeddings.lambda_c=0.5",
+                         "stage_a.loss_weights.regularization=2.0"])
     batch = {
         "user_ids": torch.tensor([1, 1]),
         "item_seq": torch.tensor([[1, 2, 0, 0], [2, 0, 0, 0]]),
         "targets": torch.tensor([[1, 2, 3, 0, 0], [2, 3, 0, 0, 0]]),
     }
     out = model.calculate_loss(batch)
-    users = model.embeddings.user_embeddings.weight
-    items = model.embeddings.item_embeddings.weight
-    expected = (users[1].pow(2).sum() + items[1:4].pow(2).sum()).item() / 2  # distinct rows / B
-    assert abs(out["l2"].item() - expected) < 1e-6
-    assert abs(out["loss"].item() - (out["cross_entropy"].item() + 0.5 * expected)) < 1e-5
+    users = model.embeddings.user_embeddings.weight.detach()  # (U+1, d): 4 rows
+    items = model.embeddings.item_embeddings.weight.detach()  # (I+1, d): 5 rows, row 0 zero
+    by_hand = sum(float(v) ** 2 for v in users.flatten()) + sum(float(v) ** 2 for v in items.flatten())
+    assert abs(out["l2"].item() - by_hand) < 1e-5
+    assert abs(out["loss"].item() - (out["cross_entropy"].item() + 2.0 * 0.5 * by_hand)) < 1e-4
     assert out["context_bpr"].item() == 0.0 and out["user_bpr"].item() == 0.0
+    out["loss"].backward()
+    # Rows no batch touches (user 3, item 4) are regularised too: d(lambda_c * reg * |e|^2) = 2 * 1.0 * e.
+    grad_user3 = model.embeddings.user_embeddings.weight.grad[3]
+    assert torch.allclose(grad_user3, 2.0 * users[3], atol=1e-6)
+
+
+def test_regularization_weight_zero_adds_nothing():
+    model = _tiny_model(["stage_a.collaborative.use_bpr_loss=false", "embeddings.lambda_c=0.5"])
+    batch = {
+        "user_ids": torch.tensor([1]),
+        "item_seq": torch.tensor([[1, 2, 0, 0]]),
+        "targets": torch.tensor([[1, 2, 3, 0, 0]]),
+    }
+    out = model.calculate_loss(batch)  # the spec's default: regularization 0
+    assert out["l2"].item() == 0.0 and out["loss"].item() == out["cross_entropy"].item()
+
+
+@pytest.mark.parametrize(
+    "weights, expected",
+    [
+        ([], (1.0, 1.0)),  # the spec: L_bpr = L_context + L_user, cf_bpr 1
+        (["stage_a.loss_weights.cf_bpr=0.5"], (0.5, 0.5)),
+        (["stage_a.loss_weights.user_bpr=0"], (1.0, 0.0)),  # the context term alone
+        (["stage_a.loss_weights.cf_bpr=2", "stage_a.loss_weights.context_bpr=0.25"], (0.5, 2.0)),
+    ],
+)
+def test_bpr_weights_are_cf_bpr_times_the_relative_weights(weights, expected):
+    model = _tiny_model(["stage_a.collaborative.negative_samples=2", "stage_a.loss_weights.collaborative=3",
+                         *weights])
+    batch = {
+        "user_ids": torch.tensor([1, 2]),
+        "item_seq": torch.tensor([[1, 2, 0, 0], [3, 4, 1, 0]]),
+        "targets": torch.tensor([[1, 2, 3, 0, 0], [3, 4, 1, 2, 0]]),
+    }
+    torch.manual_seed(0)
+    out = model.calculate_loss(batch)
+    context_weight, user_weight = expected
+    assert (out["user_bpr"].item() > 0) == (user_weight > 0)
+    total = 3 * out["cross_entropy"] + context_weight * out["context_bpr"] + user_weight * out["user_bpr"]
+    assert abs(out["loss"].item() - total.item()) < 1e-5
+
+
+def test_cf_bpr_zero_with_a_relative_weight_is_a_contradiction():
+    with pytest.raises(ConfigError, match="cf_bpr=0 switches L_bpr off"):
+        _tiny_model(["stage_a.loss_weights.cf_bpr=0", "stage_a.loss_weights.context_bpr=0.5"])
+
+
+def test_sparse_tables_refuse_the_whole_table_regulariser():
+    with pytest.raises(ConfigError, match="regularization"):
+        _tiny_model(["embeddings.sparse=true", "stage_a.ce.mode=sampled", "stage_a.loss_weights.regularization=1"])

@@ -266,7 +266,7 @@ def test_sampled_cross_entropy_mode_learns():
     [
         ["model.finetune=full"],
         ["model.finetune=full", "model.use_user_token=false"],
-        ["model.use_user_token=false", "stage_a.loss_weights.user_bpr=0", "embeddings.lambda_c=0"],
+        ["model.use_user_token=false", "stage_a.loss_weights.user_bpr=0"],
     ],
 )
 def test_every_trainable_parameter_gets_a_gradient(overrides):

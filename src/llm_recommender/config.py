@@ -202,11 +202,11 @@ class ItemKNNConfig:
 class ModelConfig:
     """The Stage A model: ID tables, projections and the LLM backbone."""
 
-    base_llm: str = "gpt2"
+    base_llm: str = "Qwen/Qwen2-0.5B"
     """Hugging Face hub name (offline from the cache), a local model folder, or a .gguf file."""
     embedding_dim: int = 128
     """Width d_rec of the user and item tables (the spec's embedding_dim)."""
-    freeze_llm_stage_a: bool = True
+    freeze_llm_stage_a: bool = False
     """The spec's switch: true keeps the backbone frozen, false fine-tunes it fully.
     ``model.finetune`` (when set) takes precedence."""
     random_init_stage_a_llm: bool = False
@@ -308,8 +308,10 @@ class ModelConfig:
 class EmbeddingsConfig:
     """The user and item ID tables."""
 
-    lambda_c: float = 1.0e-6
-    """L2 weight: lambda_c * (||E_user[batch]||^2 + ||E_item[batch]||^2), on the rows in the batch."""
+    lambda_c: float = 0.001
+    """The spec's collaborative embedding regularisation: ``L_reg = lambda_c * (||E_user||^2 +
+    ||E_item||^2)``, squared Frobenius norms of the whole tables, added to the loss with weight
+    ``stage_a.loss_weights.regularization``."""
     init_std: float = 0.02
     """Standard deviation of the normal initialisation of both tables."""
     sparse: bool = False
@@ -322,26 +324,59 @@ class EmbeddingsConfig:
 
 @dataclass
 class LossWeights:
-    """Weights of the Stage A loss terms (0 disables a term)."""
+    """Weights of the Stage A loss terms (0 disables a term). The spec names three:
 
-    cross_entropy: float = 1.0
-    """Next-item cross-entropy at every non-padding position."""
-    context_bpr: float = 0.5
-    """BPR of the projected context state vs. the positive and sampled negatives."""
-    user_bpr: float = 0.5
-    """BPR of the user embedding vs. the same positive and negatives."""
+    ``loss = collaborative * L_ce + cf_bpr * (L_bpr_context + L_bpr_user)
+    + regularization * lambda_c * (||E_user||^2 + ||E_item||^2)``.
+
+    ``context_bpr`` and ``user_bpr`` extend the spec's ``cf_bpr``: relative weights of the two
+    BPR terms inside it, so the context term's weight is ``cf_bpr * context_bpr`` (``null`` =
+    1: the spec's sum). ``cf_bpr: 0`` with a positive relative weight is a contradiction and
+    an error.
+    """
+
+    collaborative: float = 1.0
+    """Next-item cross-entropy at every non-padding position (the spec's name; the older
+    ``cross_entropy`` is an alias)."""
+    cf_bpr: float = 1.0
+    """Weight of ``L_bpr = L_bpr_context + L_bpr_user`` (both BPR terms)."""
+    context_bpr: Optional[float] = None
+    """Relative weight of the context BPR term inside ``cf_bpr`` (``null``: 1)."""
+    user_bpr: Optional[float] = None
+    """Relative weight of the user BPR term inside ``cf_bpr`` (``null``: 1)."""
+    regularization: float = 0.0
+    """Weight of ``L_reg = embeddings.lambda_c * (||E_user||^2 + ||E_item||^2)``."""
 
     def __post_init__(self) -> None:
-        for key in ("cross_entropy", "context_bpr", "user_bpr"):
+        for key in ("collaborative", "cf_bpr", "context_bpr", "user_bpr", "regularization"):
             value = getattr(self, key)
-            _check(value >= 0, f"stage_a.loss_weights.{key}", value, "must be >= 0")
+            _check(value is None or value >= 0, f"stage_a.loss_weights.{key}", value, "must be >= 0")
+        if self.cf_bpr == 0:
+            for key in ("context_bpr", "user_bpr"):
+                value = getattr(self, key)
+                if value is not None and value > 0:
+                    raise ConfigError(
+                        f"stage_a.loss_weights.cf_bpr=0 switches L_bpr off, but stage_a.loss_weights.{key}="
+                        f"{value!r} weights a term inside it (its weight is cf_bpr * {key}): set cf_bpr > 0, "
+                        f"or {key}: null"
+                    )
+
+    @property
+    def context_bpr_weight(self) -> float:
+        """The context BPR term's weight in the total: ``cf_bpr * context_bpr``."""
+        return self.cf_bpr * (1.0 if self.context_bpr is None else self.context_bpr)
+
+    @property
+    def user_bpr_weight(self) -> float:
+        """The user BPR term's weight in the total: ``cf_bpr * user_bpr``."""
+        return self.cf_bpr * (1.0 if self.user_bpr is None else self.user_bpr)
 
 
 @dataclass
 class CollaborativeConfig:
     """Negative sampling for the BPR terms."""
 
-    negative_samples: int = 4
+    negative_samples: int = 30
     """Negatives per positive for the BPR terms (never equal to the positive)."""
     use_bpr_loss: bool = True
     """Turn both BPR terms on or off (their weights stay in loss_weights)."""
@@ -397,18 +432,18 @@ class CrossEntropyConfig:
 class StageAConfig:
     """Stage A training (``llmrec train``)."""
 
-    batch_size: int = 64
+    batch_size: int = 32
     """Sequences per optimizer micro-batch (per process)."""
-    learning_rate: float = 1.0e-3
+    learning_rate: float = 5.0e-4
     """Peak learning rate of AdamW."""
-    weight_decay: float = 0.01
+    weight_decay: float = 0.001
     """AdamW weight decay, on matrices only (not norms, biases or the ID tables)."""
     embedding_weight_decay: float = 0.0
     """AdamW weight decay on the ID tables (lambda_c is the spec's regulariser)."""
-    num_epochs: int = 10
-    """Maximum number of epochs."""
+    epochs: int = 10
+    """Maximum number of epochs (the spec's name; the older ``num_epochs`` is an alias)."""
     max_steps: Optional[int] = None
-    """Stop after this many optimizer steps (``null``: run num_epochs)."""
+    """Stop after this many optimizer steps (``null``: run epochs)."""
     max_train_minutes: Optional[float] = None
     """Wall-clock budget: stop (after validating) once it is used up."""
     warmup_ratio: float = 0.02
@@ -468,7 +503,7 @@ class StageAConfig:
             self.embedding_weight_decay,
             "must be >= 0",
         )
-        _check(self.num_epochs >= 1, "stage_a.num_epochs", self.num_epochs, "must be >= 1")
+        _check(self.epochs >= 1, "stage_a.epochs", self.epochs, "must be >= 1")
         _check(
             self.max_steps is None or self.max_steps >= 1,
             "stage_a.max_steps",
@@ -728,6 +763,43 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
         raise ConfigError(f"{prefix or 'config'}: {exc}") from None
 
 
+ALIASES: dict[str, str] = {
+    # Older names of this project -> the spec's names. Either is accepted; a file that sets
+    # both is an error (one source of truth); the resolved config saved with every checkpoint
+    # uses the spec's name.
+    "stage_a.num_epochs": "stage_a.epochs",
+    "stage_a.loss_weights.cross_entropy": "stage_a.loss_weights.collaborative",
+}
+
+
+def canonical_key(path: list[str]) -> list[str]:
+    """The spec's name of a dotted key path (aliases resolved)."""
+    return ALIASES.get(".".join(path), ".".join(path)).split(".")
+
+
+def normalize_aliases(raw: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """Rename alias keys of a raw mapping to the spec's names, in place.
+
+    Raises:
+        ConfigError: the mapping sets both a key and its alias.
+    """
+    for alias, canonical in ALIASES.items():
+        *parents, leaf = alias.split(".")
+        node: Any = raw
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        target = canonical.split(".")[-1]
+        if target in node:
+            raise ConfigError(
+                f"{source}: '{alias}' and '{canonical}' are the same setting ('{leaf}' is the older "
+                f"name of '{target}'): set only '{canonical}'"
+            )
+        node[target] = node.pop(leaf)
+    return raw
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Parse ``section.key=value`` (value as YAML) into (path, value)."""
     if "=" not in text:
@@ -740,7 +812,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() != "" else None
     except yaml.YAMLError:
         value = raw
-    return key.split("."), value
+    return canonical_key(key.split(".")), value
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
@@ -786,6 +858,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     """Validate a raw mapping into a :class:`Config`."""
+    raw = normalize_aliases(raw, source)
     try:
         return _build(Config, raw, "")
     except ConfigError as exc:
@@ -799,9 +872,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path: YAML file; ``None`` starts from the built-in defaults.
         overrides: ``section.key=value`` strings, applied in order.
     """
-    raw = read_yaml(path) if path is not None else {}
+    source = str(path) if path is not None else "config"
+    raw = normalize_aliases(read_yaml(path), source) if path is not None else {}
     raw = apply_overrides(raw, overrides)
-    return config_from_dict(raw, str(path) if path is not None else "config")
+    return config_from_dict(raw, source)
 
 
 def save_config(config: Config, path: str | Path) -> None:

@@ -28,10 +28,15 @@ Losses (each weighted by ``stage_a.loss_weights``, logged separately):
 - ``context_bpr``: the state at each target position vs. the positive and
   ``stage_a.collaborative.negative_samples`` uniform negatives (never the positive).
 - ``user_bpr``: the user's table row (d, not projected) vs. the same positive and negatives.
-- ``l2``: ``(sum of ||E_user[u]||^2 over the distinct users of the batch + sum of ||E_item[i]||^2
-  over the distinct items it touches: inputs, targets, BPR and sampled-CE negatives) / B``;
-  the total adds ``embeddings.lambda_c * l2``. Rows outside the batch are not regularised,
-  which keeps the term cheap and compatible with sparse gradients.
+- ``l2``: the spec's ``||E_user||^2 + ||E_item||^2``, squared Frobenius norms of the whole
+  tables (the padding row is zero); the total adds
+  ``loss_weights.regularization * embeddings.lambda_c * l2``. Its gradient reaches every row,
+  so it is refused with sparse tables (``embeddings.sparse``), and it is computed only when
+  its weight is on (0 is logged otherwise).
+
+The total: ``collaborative * cross_entropy + cf_bpr * (context_bpr * L_context + user_bpr *
+L_user) + regularization * lambda_c * l2`` (``context_bpr`` and ``user_bpr``, relative weights
+inside the spec's ``cf_bpr``, default to 1).
 """
 
 from __future__ import annotations
@@ -338,11 +343,17 @@ class StageAModel(nn.Module):
         self.position_anchor = model_config.position_anchor
         ce = config.stage_a.ce
         weights = config.stage_a.loss_weights
-        if config.embeddings.sparse and ce.mode == "full" and weights.cross_entropy > 0:
+        if config.embeddings.sparse and ce.mode == "full" and weights.collaborative > 0:
             raise ConfigError(
                 "embeddings.sparse=true with stage_a.ce.mode=full: the full softmax gives every item "
                 "row a gradient, so the item table's gradient is dense; use stage_a.ce.mode: sampled "
                 "(or embeddings.sparse: false)"
+            )
+        if config.embeddings.sparse and weights.regularization > 0 and config.embeddings.lambda_c > 0:
+            raise ConfigError(
+                "embeddings.sparse=true with stage_a.loss_weights.regularization > 0: the spec's L2 "
+                "lambda_c * (||E_user||^2 + ||E_item||^2) covers the whole tables, so its gradient is dense; "
+                "set stage_a.loss_weights.regularization: 0 (or embeddings.sparse: false)"
             )
         if backbone is None:
             backbone, d_model, info = load_backbone(model_config)
@@ -394,12 +405,13 @@ class StageAModel(nn.Module):
         # A parameter that never gets a gradient breaks DDP ("Expected to have finished
         # reduction"): without the user token nothing reads user_proj, and the user table is
         # read only by the user BPR and the L2 term.
+        # Without the user token and the user BPR the user table is read by nothing but the L2
+        # term, which would only shrink it: frozen too.
         if self.use_user_token:
             return
         self.embeddings.user_proj.requires_grad_(False)
         stage_a = config.stage_a
-        user_bpr = stage_a.collaborative.use_bpr_loss and stage_a.loss_weights.user_bpr > 0
-        if not user_bpr and config.embeddings.lambda_c == 0:
+        if not (stage_a.collaborative.use_bpr_loss and stage_a.loss_weights.user_bpr_weight > 0):
             self.embeddings.user_embeddings.requires_grad_(False)
 
     # ---- data flow -------------------------------------------------------------------------
@@ -539,10 +551,9 @@ class StageAModel(nn.Module):
         position_users = user_ids[:, None].expand_as(targets)[valid]  # (N,)
         item_table = self.embeddings.item_embeddings
         zero = query.sum() * 0.0  # keeps the graph when a term is off or the batch is empty
-        touched_items = [item_seq.reshape(-1), positives]
 
         cross_entropy = zero
-        if weights.cross_entropy > 0 and positives.numel() > 0:
+        if weights.collaborative > 0 and positives.numel() > 0:
             if ce_config.mode == "full":
                 chunk = chunk_positions(self.num_items, ce_config.chunk_size, ce_config.chunk_memory_mb)
                 cross_entropy = chunked_cross_entropy(
@@ -550,7 +561,6 @@ class StageAModel(nn.Module):
                 )
             else:
                 negatives = self._draw_shared_negatives(ce_config.num_sampled)  # (K,)
-                touched_items.append(negatives)
                 log_q_pos = log_q_neg = None
                 if ce_config.logq_correction:
                     log_q_pos = self.sampling_log_q[positives]  # (N,)
@@ -566,13 +576,12 @@ class StageAModel(nn.Module):
                 )
 
         context_bpr = user_bpr = zero
-        use_context = stage_a.collaborative.use_bpr_loss and weights.context_bpr > 0
-        use_user = stage_a.collaborative.use_bpr_loss and weights.user_bpr > 0
+        use_context = stage_a.collaborative.use_bpr_loss and weights.context_bpr_weight > 0
+        use_user = stage_a.collaborative.use_bpr_loss and weights.user_bpr_weight > 0
         if (use_context or use_user) and positives.numel() > 0:
             negatives = sample_negatives(
                 positives, self.num_items, stage_a.collaborative.negative_samples
             )  # (N, K)
-            touched_items.append(negatives.reshape(-1))
             positive_rows = item_table(positives).float()  # (N, d)
             negative_rows = item_table(negatives).float()  # (N, K, d)
             if use_context:
@@ -581,21 +590,16 @@ class StageAModel(nn.Module):
                 user_rows = self.embeddings.user_embeddings(position_users).float()  # (N, d)
                 user_bpr = bpr_loss(user_rows, positive_rows, negative_rows)
 
-        lambda_c = self.config.embeddings.lambda_c
-        with torch.set_grad_enabled(torch.is_grad_enabled() and lambda_c > 0):
-            items = torch.unique(torch.cat(touched_items))
-            items = items[items != 0]  # padding row is fixed at zero
-            users = torch.unique(user_ids)
-            l2 = (
-                self.embeddings.user_embeddings(users).float().pow(2).sum()
-                + item_table(items).float().pow(2).sum()
-            ) / batch_size
+        l2 = zero
+        regularization = weights.regularization * self.config.embeddings.lambda_c
+        if regularization > 0:
+            l2 = self.embeddings.user_embeddings.weight.float().pow(2).sum() + item_table.weight.float().pow(2).sum()
 
         loss = (
-            weights.cross_entropy * cross_entropy
-            + weights.context_bpr * context_bpr
-            + weights.user_bpr * user_bpr
-            + lambda_c * l2
+            weights.collaborative * cross_entropy
+            + weights.context_bpr_weight * context_bpr
+            + weights.user_bpr_weight * user_bpr
+            + regularization * l2
         )
         return {
             "loss": loss,

@@ -159,7 +159,7 @@ class StageATrainer:
         train_through: ``valid`` trains on training + validation events without validating
             (the refit of ``stage_a.refit_on_valid``).
         stop_after_epochs: stop after this many epochs (the refit's length); the learning-rate
-            schedule still spans ``stage_a.num_epochs``, as in the run it repeats.
+            schedule still spans ``stage_a.epochs``, as in the run it repeats.
     """
 
     def __init__(
@@ -202,12 +202,6 @@ class StageATrainer:
         self.data = ProcessedData(self.data_dir, train_through=train_through)
         self.refit = train_through != "train"
         self.stop_after_epochs = stop_after_epochs
-        negatives = config.stage_a.collaborative.negative_samples
-        if config.stage_a.collaborative.use_bpr_loss and negatives >= self.data.num_items:
-            raise ConfigError(
-                f"stage_a.collaborative.negative_samples={negatives} must be smaller than the "
-                f"number of items ({self.data.num_items})"
-            )
         self.windows = TrainWindows(
             self.data,
             config.model.max_seq_len,
@@ -218,7 +212,7 @@ class StageATrainer:
         self.batches_per_epoch = max(1, len(self.windows) // self.global_batch)
         accumulation = config.stage_a.gradient_accumulation_steps
         self.steps_per_epoch = max(1, self.batches_per_epoch // accumulation)
-        self.total_steps = self.steps_per_epoch * config.stage_a.num_epochs
+        self.total_steps = self.steps_per_epoch * config.stage_a.epochs
         if config.stage_a.max_steps is not None:
             self.total_steps = min(self.total_steps, config.stage_a.max_steps)
 
@@ -606,7 +600,7 @@ class StageATrainer:
         deadline = started + budget * 60 - self.train_seconds if budget is not None else None
         try:
             while (
-                self.epoch < cfg.num_epochs
+                self.epoch < cfg.epochs
                 and (self.stop_after_epochs is None or self.epoch < self.stop_after_epochs)
                 and self.global_step < self.total_steps
                 and self.stopped_reason in ("", None)
@@ -619,7 +613,7 @@ class StageATrainer:
                     (self.epoch + 1) % cfg.eval_every_epochs == 0
                     or not finished_epoch
                     or self.global_step >= self.total_steps
-                    or self.epoch + 1 >= cfg.num_epochs
+                    or self.epoch + 1 >= cfg.epochs
                 )
                 self.train_seconds += epoch_seconds
                 if self.fsdp:
@@ -648,7 +642,7 @@ class StageATrainer:
             if self.stop_after_epochs is not None and self.epoch >= self.stop_after_epochs:
                 self.stopped_reason = f"refit: {self.stop_after_epochs} epochs, as many as the validated run's best"
             else:
-                self.stopped_reason = "num_epochs" if self.epoch >= cfg.num_epochs else "max_steps"
+                self.stopped_reason = "epochs" if self.epoch >= cfg.epochs else "max_steps"
         if self.refit:
             # Nothing to select on (validation events are training events here): the model
             # after its last epoch is the result.
@@ -722,7 +716,7 @@ class StageATrainer:
             f"train: {self.data.num_users} users, {self.data.num_items} items, {len(self.windows)} windows; "
             f"backbone {info.get('family', '?')} ({info.get('source', '?')}, {self.config.model.finetune_mode}); "
             f"parameters {counts['total']:,} ({counts['trainable']:,} trainable); "
-            f"{self.steps_per_epoch} steps/epoch x {self.config.stage_a.num_epochs} epochs; "
+            f"{self.steps_per_epoch} steps/epoch x {self.config.stage_a.epochs} epochs; "
             f"{self.world} process(es) on {self.device}",
             flush=True,
         )
