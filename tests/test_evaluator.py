@@ -176,8 +176,7 @@ def test_candidates_round_trip_and_refuse_other_data(tmp_path):
     cands = sample_candidates(data, "test", 20, "uniform", seed=0)
     users, _ = data.eval_examples("test")
     path = tmp_path / "c.safetensors"
-    save_candidates(path, users, cands, {"data_fingerprint": __import__(
-        "llm_recommender.evaluation.evaluator", fromlist=["x"]).data_fingerprint(data), "split": "test"})
+    save_candidates(path, users, cands, {"data_fingerprint": data.fingerprint, "split": "test"})
     users_back, cands_back, meta = load_candidates(path, data=data, split="test")
     assert np.array_equal(users_back, users) and np.array_equal(cands_back, cands)
     assert meta["split"] == "test"
@@ -286,9 +285,13 @@ def test_command_with_a_checkpoint_applies_only_evaluation_overrides(tmp_path, m
 
     def load_checkpoint(path, device="cpu"):
         calls["path"] = path
-        return scorer, Config(), {"data_dir": str(data.path), "num_items": data.num_items}
+        return scorer, Config(), {"data_dir": str(data.path), "num_items": data.num_items,
+                                  "data_fingerprint": data.fingerprint}
 
-    monkeypatch.setitem(sys.modules, "llm_recommender.checkpoint", types.SimpleNamespace(load_checkpoint=load_checkpoint))
+    from llm_recommender.checkpoint import check_data
+
+    monkeypatch.setitem(sys.modules, "llm_recommender.checkpoint",
+                        types.SimpleNamespace(load_checkpoint=load_checkpoint, check_data=check_data))
     out = tmp_path / "m.json"
     payload = run_evaluation_command(checkpoint=tmp_path / "ckpt", output_file=out,
                                      overrides=["evaluation.seed=5", "evaluation.num_negatives=7"],

@@ -16,7 +16,7 @@ from test_trainer import _config, tiny_data  # noqa: F401  (the session fixture)
 from llm_recommender.checkpoint import load_checkpoint
 from llm_recommender.config import ItemKNNConfig, load_config
 from llm_recommender.data.dataset import ProcessedData
-from llm_recommender.errors import ConfigError, DataError
+from llm_recommender.errors import CheckpointError, ConfigError, DataError
 from llm_recommender.evaluation.baselines import ItemKNNBaseline, PopularityBaseline, get_baseline
 from llm_recommender.evaluation.evaluator import evaluate, run_evaluation_command
 from llm_recommender.models.item_knn import ItemCooccurrence, history_tail
@@ -193,13 +193,21 @@ def test_staged_run_validates_refits_and_fuses(tiny_data, tmp_path):  # noqa: F8
     user = torch.tensor([5])
     assert torch.equal(refit_model.full_sort_predict(user, history), model.full_sort_predict(user, history))
 
+    # The hand-offs between stages verify hashes like every other load: a validated model
+    # altered on disk is refused when the next stage reads it.
+    shutil.rmtree(run / "best_model")
+    table = run / "validated_model" / "item_knn.safetensors"
+    table.write_bytes(table.read_bytes()[:-8] + bytes(8))
+    with pytest.raises(CheckpointError, match="altered or truncated"):
+        train_stage_a(config, tiny_data, run, resume=True)
+
 
 @pytest.mark.slow
 def test_staged_run_over_two_processes(tiny_data, tmp_path):  # noqa: F811
     """The validated run, the tuning on rank 0 and the refit work under 2 gloo processes."""
     from test_trainer import TINY, _launch_two
 
-    overrides = [*TINY, "stage_a.num_epochs=2", "stage_a.batch_size=16", "model.item_knn.enabled=true",
+    overrides = [*TINY, "stage_a.epochs=2", "stage_a.batch_size=16", "model.item_knn.enabled=true",
                  "stage_a.refit_on_valid=true", "stage_a.eval_max_users=100", "model.item_knn.weight_grid=[0,2]"]
     run = tmp_path / "ddp"
     result = _launch_two(["train", "--data_dir", str(tiny_data), "--output_dir", str(run),

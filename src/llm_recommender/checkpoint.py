@@ -8,8 +8,9 @@ A checkpoint folder (``best_model/``, ``last/``) holds:
   A randomly initialised backbone cannot be referenced by name, so it is always stored.
 - ``config.yaml``: the resolved config that made it (a run can be repeated from it).
 - ``checkpoint.json``: format version, catalogue sizes, the processed data it was trained on
-  (path and sha256 of its source), epoch/step, validation metrics, and the sha256 of every
-  file in the folder (a truncated or altered file is a clear error, not garbage scores).
+  (path, sha256 of its source, and ``data_fingerprint``: the hash of its id maps, sequences
+  and split labels, see :func:`check_data`), epoch/step, validation metrics, and the sha256 of
+  every file in the folder (a truncated or altered file is a clear error, not garbage scores).
 - ``item_knn.safetensors`` (with ``model.item_knn.enabled``): the item neighbour table fused
   into the scores; its weight and provenance are in ``checkpoint.json`` under ``item_knn``.
 - ``user_ids.txt``, ``item_ids.txt``: copies of the data's id maps, so recommendations map
@@ -51,6 +52,7 @@ def save_checkpoint(
     info: dict[str, Any],
     data_dir: str | Path,
     training_state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
+    data_fingerprint: str | None = None,
 ) -> None:
     """Write a checkpoint folder atomically.
 
@@ -61,8 +63,13 @@ def save_checkpoint(
         info: extra JSON fields (epoch, global_step, metrics, ...).
         data_dir: the processed data folder the model was trained on.
         training_state: (tensors, json) of optimizer/scheduler/RNG for ``last/``.
+        data_fingerprint: ``ProcessedData.fingerprint`` of ``data_dir`` (computed when None).
     """
     data_dir = Path(data_dir).resolve()
+    if data_fingerprint is None:
+        from .data.dataset import ProcessedData
+
+        data_fingerprint = ProcessedData(data_dir).fingerprint
     with atomic_directory(folder) as tmp:
         state = model.trainable_state_dict()  # tables, projections, changed backbone weights
         save_file(state, str(tmp / MODEL_FILE), metadata={"format": "pt"})
@@ -88,6 +95,7 @@ def save_checkpoint(
             "num_items": int(model.num_items),
             "data_dir": str(data_dir),
             "data_sha256": (data_meta.get("source") or {}).get("sha256"),
+            "data_fingerprint": data_fingerprint,
             "base_llm": config.model.base_llm,
             "finetune_mode": config.model.finetune_mode,
             "backbone": getattr(model, "backbone_info", {}),
@@ -243,3 +251,49 @@ def unflatten_state(payload: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(payload, list):
         return [unflatten_state(v, tensors) for v in payload]
     return payload
+
+
+def check_data(info: dict[str, Any], checkpoint: str | Path, data, allow_new_events: bool = False) -> None:
+    """Refuse processed data other than the data a checkpoint was trained on.
+
+    Preprocessing the same raw file again with another split or threshold keeps the catalogue
+    size but moves events between splits: a model (and its neighbour table) would then be
+    scored on events it trained on, without a word. The fingerprint
+    (``ProcessedData.fingerprint``) covers the id maps, the sequences and the split labels.
+
+    Args:
+        info: the checkpoint's ``checkpoint.json``.
+        checkpoint: its folder (for the message).
+        data: the ``ProcessedData`` about to be used.
+        allow_new_events: inference only (recommend, serve, export): accept other events and
+            splits as long as the id maps are the checkpoint's own (users' newer histories);
+            never for evaluation.
+
+    Raises:
+        DataError: the fingerprints differ (or the checkpoint records none), or, with
+            ``allow_new_events``, the id maps differ.
+    """
+    from .errors import DataError
+
+    recorded = info.get("data_fingerprint")
+    if recorded == data.fingerprint:
+        return
+    if allow_new_events:
+        for name in ("user_ids.txt", "item_ids.txt"):
+            copy = Path(checkpoint) / name
+            if not copy.is_file() or sha256_file(copy) != sha256_file(Path(data.path) / name):
+                raise DataError(
+                    f"{Path(data.path) / name}: differs from the id map the model {checkpoint} was trained "
+                    "with; new events can be served only over the same users and items"
+                )
+        return
+    if recorded is None:
+        raise DataError(
+            f"{checkpoint}: records no data fingerprint (written by an older version), so it cannot be "
+            f"checked against {data.path}; train it again"
+        )
+    raise DataError(
+        f"{data.path}: data fingerprint {data.fingerprint[:12]} is not {recorded[:12]}, the data "
+        f"{checkpoint} was trained on (preprocessed again, or other data): use the folder it was trained "
+        "on, or train on this one"
+    )

@@ -31,6 +31,14 @@ def _add_config_args(parser: argparse.ArgumentParser, default_config: str | None
     )
 
 
+def _add_new_events_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-new-events", "--allow_new_events", dest="allow_new_events", action="store_true",
+        help="use a processed folder other than the one the checkpoint was trained on, if it has the "
+             "same users and items (newer histories); by default its data fingerprint must match",
+    )
+
+
 def _load(args: argparse.Namespace):
     from .config import load_config
 
@@ -116,6 +124,7 @@ def cmd_export_embeddings(args: argparse.Namespace) -> int:
         faiss_index=not args.no_faiss,
         data_dir=Path(args.data_dir) if args.data_dir else None,
         batch_size=args.batch_size,
+        allow_new_events=args.allow_new_events,
     )
     return 0
 
@@ -130,6 +139,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         data_dir=Path(args.data_dir) if args.data_dir else None,
         overrides=args.overrides,
         config_path=args.config,
+        allow_new_events=args.allow_new_events,
     )
     return 0
 
@@ -266,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="with --all-users: FILE.parquet or FILE.jsonl")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=4096,
                    help="with --all-users: users per pass (capped so scores stay under 128 MB)")
+    _add_new_events_arg(p)
     p.set_defaults(func=cmd_recommend)
 
     p = sub.add_parser("export-embeddings", help="item/user vectors as .npy (+ FAISS index)")
@@ -276,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-faiss", action="store_true", help="skip the FAISS index")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=1024,
                    help="users per forward pass for user_states.npy")
+    _add_new_events_arg(p)
     p.set_defaults(func=cmd_export_embeddings)
 
     p = sub.add_parser("serve", help="HTTP service (FastAPI + uvicorn)")
@@ -284,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_dir", "--data-dir", dest="data_dir", default=None)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    _add_new_events_arg(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="the whole pipeline end to end on generated data (minutes on a CPU)")

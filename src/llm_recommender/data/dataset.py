@@ -6,6 +6,7 @@ training, evaluation and serving use to reach sequences, splits and id maps.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from functools import cached_property
 from pathlib import Path
@@ -153,6 +154,26 @@ class ProcessedData:
         counts = np.bincount(np.asarray(self.items)[keep], minlength=self.num_items + 1)
         counts[0] = 0
         return counts.astype(np.int64)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 of what a model trained on this folder depends on: the id maps (which index is
+        which user and item), every user's event sequence and every event's split label.
+
+        Preprocessing the same raw file with another split, k-core or evaluation threshold
+        changes it; moving or copying the folder does not. Checkpoints record it, and
+        evaluation, recommendation and serving refuse a folder whose fingerprint differs
+        (test events of one folder can be training events of the other).
+        """
+        digest = hashlib.sha256()
+        for array in (self.offsets, self.items, self.split_labels):
+            array = np.ascontiguousarray(array)
+            digest.update(str((array.dtype.str, array.shape)).encode())
+            digest.update(memoryview(array).cast("B"))
+        for name in ("user_ids.txt", "item_ids.txt"):
+            digest.update(name.encode())
+            digest.update((self.path / name).read_bytes())
+        return digest.hexdigest()
 
     # ---------------------------------------------------------------- id maps
 

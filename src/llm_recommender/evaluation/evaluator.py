@@ -31,11 +31,9 @@ return a new tensor on every call (not a view of a cached one).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import sys
 import time
-import weakref
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -115,28 +113,6 @@ def history_items(
     lengths = np.asarray(positions, dtype=np.int64) - starts
     rows = np.repeat(np.arange(len(users), dtype=np.int64), lengths)
     return rows, np.asarray(items)[_concat_ranges(starts, lengths)].astype(np.int64)
-
-
-_FINGERPRINTS: "weakref.WeakKeyDictionary[ProcessedData, str]" = weakref.WeakKeyDictionary()
-
-
-def data_fingerprint(data: ProcessedData) -> str:
-    """sha256 of the sequence arrays (offsets, items, split labels) of a processed folder.
-
-    The source file's sha256 does not identify a processed dataset (k-core, split and
-    dedup settings change it); these three arrays do, and they are what candidates depend on.
-    """
-    cached = _FINGERPRINTS.get(data)
-    if cached is not None:
-        return cached
-    digest = hashlib.sha256()
-    for array in (data.offsets, data.items, data.split_labels):
-        array = np.ascontiguousarray(array)
-        digest.update(str((array.dtype.str, array.shape)).encode())
-        digest.update(memoryview(array).cast("B"))
-    value = digest.hexdigest()
-    _FINGERPRINTS[data] = value
-    return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,7 +342,7 @@ def load_candidates(
     if split is not None and meta.get("split") != split:
         raise DataError(f"{path}: candidates for split {meta.get('split')!r}, not {split!r}")
     if data is not None:
-        fingerprint = data_fingerprint(data)
+        fingerprint = data.fingerprint
         if meta.get("data_fingerprint") != fingerprint:
             raise DataError(
                 f"{path}: candidates were sampled from other data (fingerprint "
@@ -423,7 +399,7 @@ def get_candidates(
         return candidates, None
     users, _ = data.eval_examples(split)
     meta = {
-        "data_fingerprint": data_fingerprint(data),
+        "data_fingerprint": data.fingerprint,
         "data_sha256": (data.meta.get("source") or {}).get("sha256"),
         "num_users": data.num_users,
         "num_items": data.num_items,
@@ -748,7 +724,7 @@ def run_evaluation_command(
     if (checkpoint is None) == (baseline is None):
         raise LLMRecError("give either --checkpoint DIR or --baseline NAME (exactly one)")
     if checkpoint is not None:
-        from ..checkpoint import load_checkpoint
+        from ..checkpoint import check_data, load_checkpoint
 
         model, saved_config, info = load_checkpoint(checkpoint, device="cpu")
         config = _checkpoint_config(saved_config, config_path, overrides)
@@ -757,11 +733,7 @@ def run_evaluation_command(
                 raise CheckpointError(f"{checkpoint}: no data_dir recorded; give --data_dir")
             data_dir = info["data_dir"]
         data = ProcessedData(data_dir)
-        if "num_items" in info and int(info["num_items"]) != data.num_items:
-            raise DataError(
-                f"{data_dir}: {data.num_items} items, but {checkpoint} was trained on "
-                f"{info['num_items']}; give the --data_dir it was trained on"
-            )
+        check_data(info, checkpoint, data)  # never other events: they may be training events
         if not item_knn:
             model.attach_item_knn(None, 0.0)
         scorer = model
@@ -813,7 +785,7 @@ def run_evaluation_command(
         ),
         "data_dir": str(Path(data_dir).resolve()),
         "data_sha256": (data.meta.get("source") or {}).get("sha256"),
-        "data_fingerprint": data_fingerprint(data),
+        "data_fingerprint": data.fingerprint,
         "split": split,
         "seed": eval_config.seed,
         "num_users": result["num_users"],

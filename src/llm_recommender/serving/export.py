@@ -48,6 +48,7 @@ def export_embeddings(
     faiss_index: bool = True,
     data_dir: str | Path | None = None,
     batch_size: int = 1024,
+    allow_new_events: bool = False,
 ) -> dict[str, Any]:
     """Write item vectors, user query vectors, id maps and a FAISS index to ``output``.
 
@@ -57,6 +58,8 @@ def export_embeddings(
         faiss_index: also write ``items.faiss`` when ``faiss`` is installed.
         data_dir: processed data folder (users' histories); default: the checkpoint's.
         batch_size: users per forward pass for ``user_states.npy``.
+        allow_new_events: accept a processed folder other than the training one if its id maps
+            are the model's (see ``Recommender.from_checkpoint``).
 
     Returns:
         the manifest written to ``manifest.json``.
@@ -66,7 +69,9 @@ def export_embeddings(
     if batch_size < 1:
         raise LLMRecError(f"--batch-size {batch_size}: must be >= 1")
     began = time.perf_counter()
-    recommender = Recommender.from_checkpoint(Path(checkpoint), Path(data_dir) if data_dir else None)
+    recommender = Recommender.from_checkpoint(
+        Path(checkpoint), Path(data_dir) if data_dir else None, allow_new_events=allow_new_events
+    )
     model = recommender.model
     item_vectors = recommender.item_table[1:].cpu().numpy().astype(np.float32)  # (I, d)
     user_vectors = model.embeddings.user_embeddings.weight.detach()[1:].float().cpu().numpy()  # (U, d)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, DataError, LLMRecError
-from ..io_utils import atomic_file, sha256_file
+from ..io_utils import atomic_file
 
 #: Floats of the (users, items) score matrix held at once (128 MB of float32).
 DEFAULT_SCORE_BUDGET = 1 << 25
@@ -131,6 +131,7 @@ class Recommender:
         data_dir: str | Path | None = None,
         device: str = "cpu",
         overrides: Sequence[str] | None = None,
+        allow_new_events: bool = False,
     ) -> "Recommender":
         """Load a checkpoint folder and the processed data it was trained on.
 
@@ -139,11 +140,14 @@ class Recommender:
             data_dir: processed data folder; default: the one recorded in the checkpoint.
             device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
             overrides: ``serving.*`` / ``runtime.*`` ``--set`` strings applied to the saved config.
+            allow_new_events: accept a processed folder other than the one the model was
+                trained on, if its id maps are the model's (``--allow-new-events``: users'
+                newer histories); by default its data fingerprint must match.
 
         Returns:
             the recommender; its ``config`` attribute is the checkpoint's resolved config.
         """
-        from ..checkpoint import load_checkpoint
+        from ..checkpoint import check_data, load_checkpoint
         from ..data.dataset import ProcessedData
 
         checkpoint_dir = Path(checkpoint_dir)
@@ -158,13 +162,7 @@ class Recommender:
                 )
             data_dir = recorded
         data = ProcessedData(data_dir)
-        for name in ("user_ids.txt", "item_ids.txt"):
-            copy = checkpoint_dir / name
-            if copy.is_file() and sha256_file(copy) != sha256_file(Path(data_dir) / name):
-                raise DataError(
-                    f"{Path(data_dir) / name}: differs from the checkpoint's copy {copy} (the model was "
-                    "trained on another processed folder; pass the right --data_dir)"
-                )
+        check_data(info, checkpoint_dir, data, allow_new_events=allow_new_events)
         recommender = cls(model, data, checkpoint=checkpoint_dir)
         recommender.config = config
         return recommender
@@ -576,7 +574,8 @@ def run_recommend_command(args: argparse.Namespace) -> None:
     if runtime.num_threads:
         torch.set_num_threads(runtime.num_threads)
     recommender = Recommender.from_checkpoint(
-        Path(args.checkpoint), Path(args.data_dir) if args.data_dir else None, runtime.device, args.overrides
+        Path(args.checkpoint), Path(args.data_dir) if args.data_dir else None, runtime.device, args.overrides,
+        allow_new_events=args.allow_new_events,
     )
     exclude_seen = not args.keep_seen
     if args.all_users:

@@ -496,6 +496,7 @@ def run_server(
     data_dir: str | Path | None = None,
     overrides: Sequence[str] | None = None,
     config_path: str | None = None,
+    allow_new_events: bool = False,
 ) -> None:
     """``llmrec serve``: load the model once and serve HTTP until interrupted (one worker).
 
@@ -509,6 +510,8 @@ def run_server(
         overrides: ``serving.*`` / ``runtime.*`` ``--set`` strings.
         config_path: a YAML whose ``serving`` and ``runtime`` sections are used instead of the
             checkpoint's.
+        allow_new_events: serve from a processed folder other than the training one if its id
+            maps are the model's (see ``Recommender.from_checkpoint``).
     """
     import torch
     import uvicorn
@@ -519,7 +522,8 @@ def run_server(
     if runtime.num_threads:
         torch.set_num_threads(runtime.num_threads)
     recommender = Recommender.from_checkpoint(
-        Path(checkpoint), Path(data_dir) if data_dir else None, runtime.device, overrides
+        Path(checkpoint), Path(data_dir) if data_dir else None, runtime.device, overrides,
+        allow_new_events=allow_new_events,
     )
     app = create_app(recommender, serving)
     sock = bind_socket(host, port)

@@ -418,6 +418,7 @@ class StageATrainer:
             info,
             self.data_dir,
             training_state=self._training_state(optimizer_states, rng_states) if with_state else None,
+            data_fingerprint=self.data.fingerprint,
         )
 
     # ------------------------------------------------------------------ logging
@@ -811,7 +812,7 @@ def train_stage_a(config: Config, data_dir: Path, output_dir: Path, resume: bool
             _save_validated_model(config, Path(data_dir), output_dir, summary)
         trainer.accelerator.wait_for_everyone()
         del trainer
-    info = read_checkpoint_info(validated, verify=False)
+    info = read_checkpoint_info(validated)
     final_source = validated
     if config.stage_a.refit_on_valid:
         refit_dir = output_dir / REFIT_DIR
@@ -841,15 +842,16 @@ REFIT_DIR = "refit"
 def _save_validated_model(config: Config, data_dir: Path, output_dir: Path, summary: dict[str, Any]) -> None:
     """``validated_model/``: the best model of the validated run, with the neighbour table of
     training events fused at the weight that validation prefers."""
-    from ..checkpoint import load_checkpoint
+    from ..checkpoint import check_data, load_checkpoint
     from ..evaluation.evaluator import evaluate
     from ..models.item_knn import ItemCooccurrence
 
-    model, _, info = load_checkpoint(output_dir / "best_model", verify=False)
+    model, _, info = load_checkpoint(output_dir / "best_model")
+    data = ProcessedData(data_dir)
+    check_data(info, output_dir / "best_model", data)
     knn = config.model.item_knn
     extra: dict[str, Any] = {"summary": summary}
     if knn.enabled:
-        data = ProcessedData(data_dir)
         started = time.perf_counter()
         table = ItemCooccurrence.from_config(data, include_valid=False, settings=knn)
         print(f"item_knn: {table.info['pairs']:,} neighbour pairs from training events "
@@ -870,16 +872,19 @@ def _save_validated_model(config: Config, data_dir: Path, output_dir: Path, summ
         print(f"item_knn: weight {best:g} (validation NDCG@10 {by_weight[best]:.4f}, model alone "
               f"{info.get('metrics', {}).get('NDCG@10', float('nan')):.4f})", flush=True)
     keep = {k: info[k] for k in ("epoch", "global_step", "metrics", "best_epoch", "trained_on") if k in info}
-    save_checkpoint(output_dir / VALIDATED_MODEL, model, config, {**keep, **extra}, data_dir)
+    save_checkpoint(output_dir / VALIDATED_MODEL, model, config, {**keep, **extra}, data_dir,
+                    data_fingerprint=data.fingerprint)
 
 
 def _save_final_model(config: Config, data_dir: Path, output_dir: Path, source: Path, validated: dict) -> None:
     """``best_model/``: the refit (or the validated model) with the neighbour table of
     training + validation events: what serves users and what the test split measures."""
-    from ..checkpoint import load_checkpoint
+    from ..checkpoint import check_data, load_checkpoint
     from ..models.item_knn import ItemCooccurrence
 
-    model, _, info = load_checkpoint(source, verify=False)
+    model, _, info = load_checkpoint(source)
+    data = ProcessedData(data_dir)
+    check_data(info, source, data)
     knn = config.model.item_knn
     extra: dict[str, Any] = {
         "validated_model": str((output_dir / VALIDATED_MODEL).resolve()),
@@ -888,11 +893,12 @@ def _save_final_model(config: Config, data_dir: Path, output_dir: Path, source: 
     }
     if knn.enabled:
         weight = float(validated["item_knn"]["weight"])
-        table = ItemCooccurrence.from_config(ProcessedData(data_dir), include_valid=True, settings=knn)
+        table = ItemCooccurrence.from_config(data, include_valid=True, settings=knn)
         model.attach_item_knn(table, weight)
         extra["item_knn_valid_ndcg10"] = validated.get("item_knn_valid_ndcg10")
     keep = {k: info[k] for k in ("epoch", "global_step", "trained_on") if k in info}
-    save_checkpoint(output_dir / "best_model", model, config, {**keep, **extra}, data_dir)
+    save_checkpoint(output_dir / "best_model", model, config, {**keep, **extra}, data_dir,
+                    data_fingerprint=data.fingerprint)
     print(f"final model: {output_dir / 'best_model'} (trained on {info.get('trained_on', 'train')} events"
           f"{', item_knn weight %g over training + validation events' % model.item_knn_weight if knn.enabled else ''}); "
           f"evaluate it on the test split", flush=True)
