@@ -245,6 +245,21 @@ def test_hub_name_loads_offline_from_the_hf_cache(tmp_path):
     json.loads((snapshot / "config.json").read_text())  # a real config was written
 
 
+@pytest.mark.parametrize("random_init", [False, True])
+def test_an_encoder_backbone_is_refused(tmp_path, random_init):
+    """AutoModel builds BERT too; it would read the next item from the future. Refused at load
+    with one line naming the model, pretrained or randomly initialised."""
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path / "tiny-bert"
+    BertModel(BertConfig(vocab_size=10, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(folder)
+    model_config = _model_config(f"model.base_llm={folder}", f"model.random_init_stage_a_llm={str(random_init).lower()}")
+    with pytest.raises(ModelLoadError, match=r"\(bert\) is not a causal decoder") as caught:
+        load_backbone(model_config)
+    assert "\n" not in str(caught.value) and str(folder) in str(caught.value)
+
+
 def test_random_init_takes_the_initializer_range_and_activation():
     model_config = _model_config("model.random_init_stage_a_llm=true", "model.base_llm=gpt2", *TINY,
                                  "model.initializer_range=0.1", "model.activation=relu")

@@ -145,6 +145,34 @@ def test_left_and_right_padding_give_the_same_user_state(family, use_user_token,
     assert (a[:1] - unpadded).abs().max() < 1e-5
 
 
+def _pretrained(name):
+    return [f"model.base_llm={shared_path('models', name)}", "model.finetune=full"]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2", "llama", "stories260k-qwen2", "stories260k-llama"])
+@pytest.mark.parametrize("use_user_token", [True, False])
+def test_changing_item_t_plus_1_leaves_the_states_up_to_t_unchanged(family, use_user_token):
+    """Causality of the whole soft-token network, for every supported family (random and real
+    pretrained weights): the state at an output position never depends on a later item."""
+    overrides = RANDOM_TINY[family] if family in RANDOM_TINY else _pretrained(family)
+    shape = SHAPE if family in RANDOM_TINY else []
+    torch.manual_seed(0)
+    config = load_config(None, ["model.embedding_dim=16", f"model.max_seq_len={SEQ_LEN}", INIT, *shape,
+                                *overrides, f"model.use_user_token={str(use_user_token).lower()}"])
+    model = build_model(config, NUM_USERS, NUM_ITEMS).eval()
+    users = torch.tensor([2])
+    items = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    offset = 1 if use_user_token else 0  # output position of item j is j + offset
+    with torch.no_grad():
+        states = model(users, items)  # (1, S, d)
+        for changed_at in range(1, items.shape[1]):
+            other = items.clone()
+            other[0, changed_at] = 19
+            moved = (model(users, other) - states).abs().amax(dim=(0, 2))  # (S,)
+            assert moved[: changed_at + offset].max() < 1e-5, (changed_at, moved)
+            assert moved[changed_at + offset] > 1e-4  # the changed position does see its item
+
+
 def test_end_anchor_puts_the_last_item_at_a_fixed_position(monkeypatch):
     torch.manual_seed(0)
     model = build_model(_config(*RANDOM_TINY["gpt2"], "model.position_anchor=end"), NUM_USERS, NUM_ITEMS).eval()

@@ -455,6 +455,7 @@ def load_backbone(model_config: ModelConfig) -> tuple[nn.Module, int, dict[str, 
     hidden_size = int(backbone.config.hidden_size)
     _replace_token_embedding(backbone, hidden_size, dtype)
     backbone.eval()
+    check_causal(backbone, model_config.base_llm)
     layers = _decoder_layers(backbone)
     info = {
         "name": model_config.base_llm,
@@ -468,6 +469,54 @@ def load_backbone(model_config: ModelConfig) -> tuple[nn.Module, int, dict[str, 
         "dtype": model_config.dtype,
     }
     return backbone, hidden_size, info
+
+
+def check_causal(backbone: nn.Module, name: str, num_tokens: int = 5) -> None:
+    """Refuse a backbone whose states at position t depend on tokens after t.
+
+    ``AutoModel`` also builds encoders (BERT, RoBERTa, ...): trained on next-item targets they
+    would read the answer from the future and every metric would be meaningless. Whatever the
+    architecture claims, this measures it: two random soft-token sequences that differ only in
+    their last token must give the same states at every earlier position.
+
+    Args:
+        backbone: the loaded ``AutoModel`` (eval mode).
+        name: ``model.base_llm``, for the message.
+        num_tokens: probe length.
+
+    Raises:
+        ModelLoadError: the backbone is an encoder-decoder or its earlier states moved.
+    """
+    config = backbone.config
+    family = getattr(config, "model_type", type(backbone).__name__)
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelLoadError(
+            f"model.base_llm={name!r} ({family}) is an encoder-decoder model; the recommender needs a "
+            "causal decoder (GPT-2, Qwen2, Llama, ...)"
+        )
+    parameter = next(backbone.parameters())
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randn(2, num_tokens, int(config.hidden_size), generator=generator)
+    tokens[1, :-1] = tokens[0, :-1]  # the same sequence but for its last token, made loud:
+    tokens[1, -1] *= 30.0  # an encoder's earlier states then move by O(1), a decoder's not at all
+    tokens = tokens.to(device=parameter.device, dtype=parameter.dtype)
+    mask = torch.ones(2, num_tokens, dtype=torch.long, device=parameter.device)
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            states = backbone(inputs_embeds=tokens, attention_mask=mask).last_hidden_state.float()
+    finally:
+        backbone.train(was_training)
+    earlier = states[:, :-1]  # (2, T-1, d)
+    moved = float((earlier[0] - earlier[1]).abs().max())
+    tolerance = (1e-5 if parameter.dtype == torch.float32 else 1e-2) * (1.0 + float(earlier.abs().max()))
+    if not moved <= tolerance:
+        raise ModelLoadError(
+            f"model.base_llm={name!r} ({family}) is not a causal decoder: changing the last token moved the "
+            f"states of earlier positions by up to {moved:.3g}, so it would see future items; use a decoder "
+            "LLM (GPT-2, Qwen2, Llama, ...)"
+        )
 
 
 # --------------------------------------------------------------------------------------------
