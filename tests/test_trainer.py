@@ -177,6 +177,44 @@ def test_kill_and_resume_matches_uninterrupted_run(tiny_data, tmp_path):
         assert torch.equal(run_weights[key], ref_weights[key]), key
 
 
+def test_learning_rate_decays_on_a_plateau_and_the_refit_replays_it(tiny_data, tmp_path, monkeypatch):
+    """stage_a.lr_decay_patience: the rate is multiplied by lr_decay_factor after every k
+    validations without a better NDCG@10; the refit, which never validates, decays after the
+    same epochs, so it repeats the validated run's schedule."""
+    from llm_recommender.trainers.stage_a_trainer import StageATrainer
+
+    scripted = iter([0.10, 0.09, 0.20, 0.19, 0.18, 0.17, 0.16, 0.15])
+
+    def validate(self):
+        return {"sampled": {"NDCG@10": next(scripted), "HR@10": 0.0}}
+
+    monkeypatch.setattr(StageATrainer, "validate", validate)
+    config = _config("stage_a.epochs=20", "stage_a.patience=4", "stage_a.lr_decay_patience=2",
+                     "stage_a.lr_decay_factor=0.5", "stage_a.lr_schedule=constant", "stage_a.warmup_ratio=0",
+                     "stage_a.refit_on_valid=true")
+    summary = train_stage_a(config, tiny_data, tmp_path / "run")
+    # Validations 1..7: best at 3; bad 1, 2 (decay after epoch 5), 3, 4 (stop after epoch 7).
+    assert summary["best_epoch"] == 3 and summary["epochs"] == 7 and summary["lr_decay_epochs"] == [5]
+
+    def rate_by_epoch(run):
+        entries = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return {e["epoch"]: e["lr"] for e in entries if e["kind"] == "train"}
+
+    validated = rate_by_epoch(tmp_path / "run")
+    assert validated[5] == pytest.approx(3e-3) and validated[6] == pytest.approx(1.5e-3)
+    refit = rate_by_epoch(tmp_path / "run" / "refit")
+    assert sorted(refit) == [1, 2, 3] and all(refit[e] == pytest.approx(validated[e]) for e in refit)
+
+    # A refit longer than the decay point replays it after the same epoch.
+    replay = StageATrainer(_config("stage_a.epochs=20", "stage_a.lr_decay_factor=0.5",
+                                   "stage_a.lr_schedule=constant", "stage_a.warmup_ratio=0"),
+                           tiny_data, tmp_path / "replay", train_through="valid", stop_after_epochs=3,
+                           lr_decay_epochs=[2])
+    replay.fit()
+    assert rate_by_epoch(tmp_path / "replay") == {1: pytest.approx(3e-3), 2: pytest.approx(3e-3),
+                                                    3: pytest.approx(1.5e-3)}
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tiny_data, tmp_path):
     result = _run_cli(["train", "--data_dir", str(tiny_data), "--output_dir", str(tmp_path / "none"), "--resume"])
     assert result.returncode == 2

@@ -452,6 +452,12 @@ class StageAConfig:
     """Decay after warmup."""
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of the peak (cosine and linear)."""
+    lr_decay_patience: int = 0
+    """Multiply the learning rate by ``lr_decay_factor`` each time validation NDCG@10 has not
+    improved for this many validations (0: never). It adapts the decay to how fast a data
+    set converges, where a schedule over ``epochs`` would need the right epoch count."""
+    lr_decay_factor: float = 0.1
+    """Factor of each plateau decay (``lr_decay_patience``)."""
     max_grad_norm: Optional[float] = 1.0
     """Gradient clipping (``null`` disables)."""
     gradient_accumulation_steps: int = 1
@@ -518,6 +524,8 @@ class StageAConfig:
         )
         _check(0 <= self.warmup_ratio < 1, "stage_a.warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
         _check(0 <= self.min_lr_ratio <= 1, "stage_a.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        _check(self.lr_decay_patience >= 0, "stage_a.lr_decay_patience", self.lr_decay_patience, "must be >= 0")
+        _check(0 < self.lr_decay_factor < 1, "stage_a.lr_decay_factor", self.lr_decay_factor, "must be in (0, 1)")
         _check(
             self.max_grad_norm is None or self.max_grad_norm > 0,
             "stage_a.max_grad_norm",

@@ -160,6 +160,8 @@ class StageATrainer:
             (the refit of ``stage_a.refit_on_valid``).
         stop_after_epochs: stop after this many epochs (the refit's length); the learning-rate
             schedule still spans ``stage_a.epochs``, as in the run it repeats.
+        lr_decay_epochs: the refit replays the plateau decays (``stage_a.lr_decay_patience``)
+            of the run it repeats: after each epoch listed, the learning rate is decayed.
     """
 
     def __init__(
@@ -170,6 +172,7 @@ class StageATrainer:
         accelerator=None,
         train_through: str = "train",
         stop_after_epochs: int | None = None,
+        lr_decay_epochs: list[int] | None = None,
     ) -> None:
         from accelerate import Accelerator
 
@@ -202,6 +205,8 @@ class StageATrainer:
         self.data = ProcessedData(self.data_dir, train_through=train_through)
         self.refit = train_through != "train"
         self.stop_after_epochs = stop_after_epochs
+        self.replayed_decays = sorted(lr_decay_epochs or [])
+        self.lr_decay_epochs: list[int] = []  # epochs after which the learning rate was decayed
         self.windows = TrainWindows(
             self.data,
             config.model.max_seq_len,
@@ -248,8 +253,12 @@ class StageATrainer:
         self.optimizers = build_optimizers(self.model, self.config)
         if not self.optimizers:
             raise ConfigError("nothing to train: every parameter is frozen")
+        decay = self.config.stage_a.lr_decay_factor
         self.schedulers = [
-            torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_multiplier(step, self.total_steps, self.config))
+            torch.optim.lr_scheduler.LambdaLR(
+                opt,
+                lambda step: lr_multiplier(step, self.total_steps, self.config) * decay ** len(self.lr_decay_epochs),
+            )
             for opt in self.optimizers
         ]
 
@@ -346,6 +355,7 @@ class StageATrainer:
             "best_metric": self.best_metric if math.isfinite(self.best_metric) else None,
             "best_epoch": self.best_epoch,
             "bad_epochs": self.bad_epochs,
+            "lr_decay_epochs": self.lr_decay_epochs,
             "history": self.history,
             "stopped_reason": self.stopped_reason,
             "train_seconds": self.train_seconds,
@@ -390,6 +400,7 @@ class StageATrainer:
         self.best_metric = state["best_metric"] if state["best_metric"] is not None else -math.inf
         self.best_epoch = state["best_epoch"]
         self.bad_epochs = state["bad_epochs"]
+        self.lr_decay_epochs = list(state.get("lr_decay_epochs", []))
         self.history = state["history"]
         self.stopped_reason = state.get("stopped_reason", "")
         self.train_seconds = state.get("train_seconds", 0.0)
@@ -542,7 +553,7 @@ class StageATrainer:
                 elapsed = max(1e-9, time.perf_counter() - window_start)
                 seqs = window_count * cfg.batch_size * self.world / elapsed
                 entry = {"kind": "train", "epoch": epoch + 1, "step": self.global_step,
-                         "lr": self.schedulers[0].get_last_lr()[0], "sequences_per_s": round(seqs, 1)}
+                         "lr": self.schedulers[0].optimizer.param_groups[0]["lr"], "sequences_per_s": round(seqs, 1)}
                 entry.update({k: window[k] / window_count for k in window if k in values})
                 self._log(entry)
                 if progress is not None:
@@ -627,6 +638,8 @@ class StageATrainer:
                 if finished_epoch:
                     self.epoch += 1
                     self.step_in_epoch = 0
+                    if self.epoch in self.replayed_decays:
+                        self._decay_lr()
                 self._log_epoch(train_losses, metrics, epoch_seconds)
                 if improved:
                     self._save("best_model", metrics, with_state=False)
@@ -655,6 +668,7 @@ class StageATrainer:
             "epochs": self.epoch,
             "global_step": self.global_step,
             "stopped": self.stopped_reason,
+            "lr_decay_epochs": self.lr_decay_epochs,
             "train_seconds": round(self.train_seconds, 1),
             "best_model": str(self.output_dir / "best_model"),
         }
@@ -686,8 +700,23 @@ class StageATrainer:
             self.bad_epochs = 0
         else:
             self.bad_epochs += 1
+            every = self.config.stage_a.lr_decay_patience
+            if every and self.bad_epochs % every == 0 and self.bad_epochs < self.config.stage_a.patience:
+                self._decay_lr()
         metrics["_improved"] = improved
         return metrics
+
+    def _decay_lr(self) -> None:
+        """Multiply the learning rate by ``stage_a.lr_decay_factor`` from the next step on
+        (the scheduler's multiplier counts the decays; recorded for --resume and the refit)."""
+        epoch = self.epoch + (1 if self.step_in_epoch else 0)
+        self.lr_decay_epochs.append(epoch)
+        for sched in self.schedulers:  # the multiplier at the current step, from the next step on
+            for group, base, multiplier in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+                group["lr"] = base * multiplier(sched.last_epoch)
+        if self.is_main:
+            print(f"learning rate x{self.config.stage_a.lr_decay_factor:g} after epoch {epoch} "
+                  f"(now {self.schedulers[0].optimizer.param_groups[0]['lr']:.3g})", flush=True)
 
     def _log_epoch(self, losses: dict[str, float], metrics: dict[str, Any], seconds: float) -> None:
         # After a full epoch self.epoch counts it; a run stopped mid-epoch reports the
@@ -821,7 +850,8 @@ def train_stage_a(config: Config, data_dir: Path, output_dir: Path, resume: bool
             print(f"refit: training again from scratch on training + validation events for {epochs} "
                   f"epoch(s) -> {refit_dir}", flush=True)
         refit = StageATrainer(config, data_dir, refit_dir, accelerator=accelerator, train_through="valid",
-                              stop_after_epochs=epochs)
+                              stop_after_epochs=epochs,
+                              lr_decay_epochs=(info.get("summary") or {}).get("lr_decay_epochs"))
         if resume and (refit_dir / "last" / "checkpoint.json").is_file():
             refit.resume()
         refit_summary = refit.fit()
