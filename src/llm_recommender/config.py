@@ -460,6 +460,8 @@ class StageAConfig:
     """Factor of each plateau decay (``lr_decay_patience``)."""
     max_grad_norm: Optional[float] = 1.0
     """Gradient clipping (``null`` disables)."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    """AdamW's (beta1, beta2)."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step."""
     seed: int = 42
@@ -531,6 +533,12 @@ class StageAConfig:
             "stage_a.max_grad_norm",
             self.max_grad_norm,
             "must be > 0 or null",
+        )
+        _check(
+            len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
+            "stage_a.adam_betas",
+            self.adam_betas,
+            "must be two numbers in [0, 1), e.g. [0.9, 0.999]",
         )
         _check(
             self.gradient_accumulation_steps >= 1,

@@ -123,10 +123,10 @@ def build_optimizers(model: torch.nn.Module, config: Config) -> list[torch.optim
             for p in params
         )  # not for FSDP's sharded DTensors
         optimizers.append(
-            torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.98), eps=1e-8, fused=fused or None)
+            torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas), eps=1e-8, fused=fused or None)
         )
     if sparse_tables:
-        optimizers.append(torch.optim.SparseAdam(sparse_tables, lr=cfg.learning_rate, betas=(0.9, 0.98)))
+        optimizers.append(torch.optim.SparseAdam(sparse_tables, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas)))
     return optimizers
 
 
