@@ -215,6 +215,28 @@ def test_learning_rate_decays_on_a_plateau_and_the_refit_replays_it(tiny_data, t
                                                     3: pytest.approx(1.5e-3)}
 
 
+def test_epoch_loss_average_weighs_every_target_position_the_same(tiny_data, tmp_path):
+    """stage_a.loss_average=epoch: a batch's loss is its sum over target positions divided by
+    the epoch's average positions per batch (a batch of short windows no longer weighs each of
+    its positions more); batch: the mean over the batch's positions."""
+    from llm_recommender.trainers.stage_a_trainer import StageATrainer
+
+    trainer = StageATrainer(_config("stage_a.loss_average=epoch", "model.use_user_token=false"), tiny_data,
+                            tmp_path / "run")
+    lengths = trainer.windows.lengths  # events per window; targets = events - 1 without the user token
+    assert trainer.positions_per_batch == pytest.approx((lengths - 1).mean() * 32)
+    batches = trainer._micro_batches(0)
+    for indices in batches[:3]:
+        batch = trainer._batch_tensors(indices)
+        positions = int((batch["targets"] != 0).sum())
+        assert trainer._position_weight(batch) == pytest.approx(positions / trainer.positions_per_batch)
+    # Over an epoch the weights average to ~1: the learning rate keeps its meaning.
+    weights = [trainer._position_weight(trainer._batch_tensors(i)) for i in batches]
+    assert 0.8 < sum(weights) / len(weights) < 1.2
+    plain = StageATrainer(_config(), tiny_data, tmp_path / "plain")
+    assert plain._position_weight(plain._batch_tensors(batches[0])) == 1.0
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tiny_data, tmp_path):
     result = _run_cli(["train", "--data_dir", str(tiny_data), "--output_dir", str(tmp_path / "none"), "--resume"])
     assert result.returncode == 2

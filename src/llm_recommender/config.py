@@ -479,6 +479,12 @@ class StageAConfig:
     length_bucketing: bool = True
     """Group windows of similar length into batches (order still shuffled per epoch): with
     short Amazon sequences most of a randomly formed batch is padding."""
+    loss_average: Literal["batch", "epoch"] = "batch"
+    """``batch``: each step's loss is the mean over its batch's target positions, so a
+    position in a batch of short windows weighs more than one in a batch of long windows
+    (length bucketing makes them differ by 10x on Amazon data). ``epoch``: each step's loss is
+    its sum over positions divided by the epoch's average positions per batch: every target
+    position weighs the same, as in randomly formed batches."""
     loss_weights: LossWeights = field(default_factory=LossWeights)
     """Weights of the loss terms."""
     collaborative: CollaborativeConfig = field(default_factory=CollaborativeConfig)

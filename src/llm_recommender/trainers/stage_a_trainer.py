@@ -214,6 +214,9 @@ class StageATrainer:
             config.stage_a.windows_per_user,
         )
         self.global_batch = config.stage_a.batch_size * self.world
+        targets_per_window = self.windows.lengths - (0 if config.model.use_user_token else 1)  # (windows,)
+        # stage_a.loss_average=epoch: a global batch's expected number of target positions.
+        self.positions_per_batch = float(targets_per_window.mean()) * self.global_batch
         self.batches_per_epoch = max(1, len(self.windows) // self.global_batch)
         accumulation = config.stage_a.gradient_accumulation_steps
         self.steps_per_epoch = max(1, self.batches_per_epoch // accumulation)
@@ -481,12 +484,18 @@ class StageATrainer:
         return [batch[self.rank * size : (self.rank + 1) * size] for batch in global_batches]
 
     def _position_weight(self, batch: dict[str, torch.Tensor]) -> float:
-        """Weight of this process's loss so that DDP's gradient average equals the gradient
-        of the mean over all processes' target positions (each process's loss is a mean over
-        its own positions, and processes hold different numbers of them)."""
+        """Weight of this process's loss (a mean over its own target positions).
+
+        ``stage_a.loss_average=batch``: DDP's gradient average then equals the gradient of the
+        mean over all processes' positions (processes hold different numbers of them).
+        ``epoch``: the sum over all processes' positions divided by the epoch's average
+        positions per global batch, so that every position weighs the same in every batch.
+        """
+        local = (batch["targets"] != 0).sum().to(torch.float64)
+        if self.config.stage_a.loss_average == "epoch":
+            return float(local) * self.world / self.positions_per_batch
         if self.world == 1:
             return 1.0
-        local = (batch["targets"] != 0).sum().to(torch.float64)
         total = self.accelerator.reduce(local.clone(), reduction="sum")
         return float(local * self.world / total.clamp_min(1))
 
