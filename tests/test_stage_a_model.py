@@ -328,3 +328,18 @@ def test_orthogonal_projections_and_the_soft_token_scale():
     assert torch.all(tokens[0, 2] == 0)  # padding stays exactly zero without a bias
     plain = build_model(_config(*RANDOM_TINY["gpt2"]), NUM_USERS, NUM_ITEMS)
     assert plain.embeddings.token_scale == 1.0 and plain.embeddings.item_proj.bias.abs().sum() > 0
+
+
+def test_a_shared_user_token_is_one_start_token_for_every_user():
+    torch.manual_seed(0)
+    model = build_model(_config(*RANDOM_TINY["gpt2"], "model.share_user_token=true"), NUM_USERS, NUM_ITEMS).eval()
+    items = torch.tensor([[3, 4, 5], [3, 4, 5]])
+    with torch.no_grad():
+        states = model(torch.tensor([1, 2]), items)  # (2, 4, d)
+    assert torch.allclose(states[0], states[1], atol=1e-6)  # the user id does not reach the sequence
+    # The user BPR still trains each user's own row.
+    model.train()
+    batch = make_batch(torch.Generator().manual_seed(0))
+    model.calculate_loss(batch)["loss"].backward()
+    rows = model.embeddings.user_embeddings.weight.grad  # (U+1, d)
+    assert rows[batch["user_ids"].unique()].abs().sum() > 0

@@ -249,6 +249,10 @@ class ModelConfig:
     difference; rotary ones (Llama, Qwen2) are shift-invariant."""
     use_user_token: bool = True
     """Prepend the user soft token ``[user, item_1, ..., item_T]``; false feeds items only."""
+    share_user_token: bool = False
+    """With ``use_user_token``: every user gets the same learned token (the unknown-user row),
+    a start-of-sequence token that attention can rest on instead of mixing history items it
+    does not need; the user BPR term still trains each user's own row."""
     unknown_user_prob: float = 0.0
     """Training: probability of replacing a user with the learned unknown-user row (index 0),
     which is what cold users (a history, no id) get at inference."""

@@ -339,6 +339,7 @@ class StageAModel(nn.Module):
         self.num_users = num_users
         self.num_items = num_items
         self.use_user_token = model_config.use_user_token
+        self.share_user_token = model_config.share_user_token
         self.max_seq_len = model_config.max_seq_len
         self.position_anchor = model_config.position_anchor
         ce = config.stage_a.ce
@@ -428,6 +429,8 @@ class StageAModel(nn.Module):
         item_mask = item_seq != 0  # (B, T)
         tokens = self.embeddings.item_tokens(item_seq)  # (B, T, d_model)
         if self.use_user_token:
+            if self.share_user_token:
+                user_ids = torch.zeros_like(user_ids)  # one learned start token for every user
             user_token = self.embeddings.user_tokens(user_ids)[:, None, :]  # (B, 1, d_model)
             tokens = torch.cat([user_token, tokens], dim=1)  # (B, T+1, d_model)
             visible = torch.ones_like(item_mask[:, :1])  # (B, 1)
