@@ -343,3 +343,30 @@ def test_a_shared_user_token_is_one_start_token_for_every_user():
     model.calculate_loss(batch)["loss"].backward()
     rows = model.embeddings.user_embeddings.weight.grad  # (U+1, d)
     assert rows[batch["user_ids"].unique()].abs().sum() > 0
+
+
+@pytest.mark.parametrize("use_user_token", [True, False])
+def test_attend_padding_is_a_left_padded_window_with_visible_padding(use_user_token):
+    """model.attend_padding (SASRec's window): the same states whatever the input's padding,
+    the last item always at the last slot, and still causal."""
+    torch.manual_seed(0)
+    config = _config(*RANDOM_TINY["gpt2"], "model.attend_padding=true",
+                     f"model.use_user_token={str(use_user_token).lower()}")
+    model = build_model(config, NUM_USERS, NUM_ITEMS).eval()
+    offset = 1 if use_user_token else 0
+    users = torch.tensor([1, 2])
+    left, right = _padded_pair([[3, 4, 5], [7, 8, 9, 10, 11, 12]], SEQ_LEN)
+    with torch.no_grad():
+        a, b = model(users, left), model(users, right)  # (2, S, d) each in its own layout
+        assert torch.allclose(a[0, offset + SEQ_LEN - 3:], b[0, offset:offset + 3], atol=1e-6)
+        assert torch.allclose(model.user_state(users, left), model.user_state(users, right), atol=1e-6)
+        assert torch.all(b[0, offset + 3:] == 0)  # padding positions carry no state
+        # The padding is visible: the same items with a shorter window give other states.
+        short = build_model(_config(*RANDOM_TINY["gpt2"], "model.attend_padding=true", "model.max_seq_len=4",
+                                    f"model.use_user_token={str(use_user_token).lower()}"), NUM_USERS, NUM_ITEMS)
+        short.load_state_dict(model.state_dict(), strict=False)
+        assert not torch.allclose(short.eval()(users[:1], right[:1, :4]), b[:1, : offset + 4], atol=1e-4)
+        changed = right.clone()
+        changed[0, 2] = 19
+        moved = (model(users, changed) - b)[0].abs().amax(dim=1)  # (S,)
+        assert moved[: offset + 2].max() < 1e-6 and moved[offset + 2] > 1e-4

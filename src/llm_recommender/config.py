@@ -247,6 +247,12 @@ class ModelConfig:
     or are shifted so the most recent token always has the same position (``end``, as
     SASRec's left-padded positions do). Only absolute-position backbones (GPT-2) see a
     difference; rotary ones (Llama, Qwen2) are shift-invariant."""
+    attend_padding: bool = False
+    """SASRec's window: left-pad every sequence to exactly ``max_seq_len`` slots and let
+    attention see the padding slots (the padding token). The last item then always sits at the
+    last position, and a short history leaves many identical slots attention can rest on
+    instead of mixing items it does not need (a weight that grows with the number of missing
+    items). Costs a full ``max_seq_len`` window per sequence."""
     use_user_token: bool = True
     """Prepend the user soft token ``[user, item_1, ..., item_T]``; false feeds items only."""
     share_user_token: bool = False

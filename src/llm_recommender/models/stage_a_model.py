@@ -340,6 +340,7 @@ class StageAModel(nn.Module):
         self.num_items = num_items
         self.use_user_token = model_config.use_user_token
         self.share_user_token = model_config.share_user_token
+        self.attend_padding = model_config.attend_padding
         self.max_seq_len = model_config.max_seq_len
         self.position_anchor = model_config.position_anchor
         ce = config.stage_a.ce
@@ -426,6 +427,8 @@ class StageAModel(nn.Module):
         The attention mask is ``item_seq != 0`` (the user token always visible); position ids
         count visible tokens, so left and right padding give the same states.
         """
+        if self.attend_padding:
+            return self._forward_padded_window(user_ids, item_seq)
         item_mask = item_seq != 0  # (B, T)
         tokens = self.embeddings.item_tokens(item_seq)  # (B, T, d_model)
         if self.use_user_token:
@@ -452,6 +455,44 @@ class StageAModel(nn.Module):
         )
         hidden = output.last_hidden_state  # (B, S, d_model)
         return self.out_proj(hidden.to(self.out_proj.weight.dtype))  # (B, S, d)
+
+    def _forward_padded_window(self, user_ids: torch.Tensor, item_seq: torch.Tensor) -> torch.Tensor:
+        """``model.attend_padding``: SASRec's window. The items are left-padded to exactly
+        ``max_seq_len`` slots and every slot is visible to attention (the padding slots carry
+        the padding token, item row 0), so the last item always sits at the last position and
+        a short history leaves many identical slots attention can rest on. Returns the states
+        in ``item_seq``'s own layout, as :meth:`forward` does: ``(B, T)`` -> ``(B, S, d)``."""
+        width = self.max_seq_len
+        item_mask = item_seq != 0  # (B, T)
+        if item_seq.shape[1] > width:
+            raise ValueError(f"item_seq has {item_seq.shape[1]} positions, more than model.max_seq_len={width}")
+        count = item_mask.sum(dim=1, keepdim=True)  # (B, 1) items per row
+        rank = item_mask.long().cumsum(dim=1) - 1  # (B, T) index of each item among its row's items
+        slot = (width - count + rank).clamp(0, width - 1)  # (B, T) its slot in the window
+        window = torch.zeros(item_seq.shape[0], width, dtype=item_seq.dtype, device=item_seq.device)  # (B, L)
+        window.scatter_(1, torch.where(item_mask, slot, 0), torch.where(item_mask, item_seq, 0))
+        # (Slot 0 may receive a padding position's write of 0: it is padding unless the row is
+        # full, and then no position of the row is padding.)
+        tokens = self.embeddings.item_tokens(window)  # (B, L, d_model)
+        offset = 0
+        if self.use_user_token:
+            users = torch.zeros_like(user_ids) if self.share_user_token else user_ids
+            tokens = torch.cat([self.embeddings.user_tokens(users)[:, None, :], tokens], dim=1)  # (B, L+1, d_model)
+            offset = 1
+        tokens = self.embedding_dropout(tokens)
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)  # (B, S_w)
+        output = self.backbone(
+            inputs_embeds=tokens.to(self._backbone_dtype()),
+            attention_mask=torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device),
+            position_ids=positions,
+            use_cache=False,
+        )
+        hidden = self.out_proj(output.last_hidden_state.to(self.out_proj.weight.dtype))  # (B, S_w, d)
+        index = (slot + offset)[:, :, None].expand(-1, -1, hidden.shape[-1])  # (B, T, d)
+        states = hidden.gather(1, index) * item_mask[:, :, None]  # (B, T, d) back in item_seq's layout
+        if self.use_user_token:
+            states = torch.cat([hidden[:, :1], states], dim=1)  # (B, T+1, d)
+        return states
 
     def _output_mask(self, item_seq: torch.Tensor) -> torch.Tensor:
         item_mask = item_seq != 0  # (B, T)
