@@ -345,6 +345,32 @@ def test_a_shared_user_token_is_one_start_token_for_every_user():
     assert rows[batch["user_ids"].unique()].abs().sum() > 0
 
 
+def test_a_tied_output_projection_scores_with_the_input_projection():
+    """model.tie_output_projection: states are the backbone's output through item_proj's
+    transpose, out_proj is unused and frozen, and the tied projection learns from both ends."""
+    torch.manual_seed(0)
+    model = build_model(_config(*RANDOM_TINY["gpt2"], "model.tie_output_projection=true"), NUM_USERS, NUM_ITEMS)
+    model.eval()
+    users, items = torch.tensor([1, 2]), torch.tensor([[3, 4, 5], [6, 7, 0]])
+    with torch.no_grad():
+        states = model(users, items)  # (2, 4, d)
+        hidden = model.backbone(
+            inputs_embeds=torch.cat(
+                [model.embeddings.user_tokens(users)[:, None], model.embeddings.item_tokens(items)], dim=1
+            ),
+            attention_mask=torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]),
+            position_ids=torch.tensor([[0, 1, 2, 3], [0, 1, 2, 2]]),
+        ).last_hidden_state  # (2, 4, d_model)
+    expected = hidden @ model.embeddings.item_proj.weight  # (2, 4, d)
+    assert torch.allclose(states[0], expected[0], atol=1e-5)
+    assert torch.allclose(states[1, :3], expected[1, :3], atol=1e-5)
+    assert not model.out_proj.weight.requires_grad
+    model.train()
+    model.calculate_loss(make_batch(torch.Generator().manual_seed(0)))["loss"].backward()
+    assert model.out_proj.weight.grad is None
+    assert model.embeddings.item_proj.weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("use_user_token", [True, False])
 def test_attend_padding_is_a_left_padded_window_with_visible_padding(use_user_token):
     """model.attend_padding (SASRec's window): the same states whatever the input's padding,

@@ -238,6 +238,11 @@ class ModelConfig:
     """Init of the projections around the backbone (``item_proj``, ``user_proj``, ``out_proj``):
     ``default`` is torch's Linear init with a random bias; ``orthogonal`` keeps the ID
     vectors' geometry (norms and angles) through the projections, biases 0."""
+    tie_output_projection: bool = False
+    """Score with the input projection's transpose instead of a separate ``out_proj``: the
+    state is compared with each item's projected row (without the token scale and the shared bias,
+    which shift every score alike), as SASRec scores with the embedding it reads. The
+    item's representation on the way in and the way out is then one and the same."""
     embedding_dropout: float = 0.0
     """Dropout on the soft-token embeddings before the backbone."""
     max_seq_len: int = 50

@@ -382,6 +382,10 @@ class StageAModel(nn.Module):
         self.out_proj = nn.Linear(d_model, model_config.embedding_dim)
         if model_config.projection_init == "orthogonal":
             init_orthogonal(self.out_proj)
+        self.tie_output_projection = model_config.tie_output_projection
+        if self.tie_output_projection:
+            # Kept (checkpoint layout unchanged) but unused: frozen so DDP sees no idle gradient.
+            self.out_proj.requires_grad_(False)
         # Log of the sampled-softmax proposal over items (index 0 never drawn); uniform until
         # set_item_sampling_distribution. Not persistent: the trainer derives it from the data.
         uniform = torch.full((num_items + 1,), -math.log(num_items))
@@ -453,8 +457,14 @@ class StageAModel(nn.Module):
             position_ids=position_ids,
             use_cache=False,
         )
-        hidden = output.last_hidden_state  # (B, S, d_model)
-        return self.out_proj(hidden.to(self.out_proj.weight.dtype))  # (B, S, d)
+        return self._project_out(output.last_hidden_state)  # (B, S, d)
+
+    def _project_out(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Backbone states ``(B, S, d_model)`` -> ``(B, S, d)``, the space of the item table."""
+        if self.tie_output_projection:
+            weight = self.embeddings.item_proj.weight  # (d_model, d)
+            return hidden.to(weight.dtype) @ weight  # SASRec scores with the unscaled embedding
+        return self.out_proj(hidden.to(self.out_proj.weight.dtype))
 
     def _forward_padded_window(self, user_ids: torch.Tensor, item_seq: torch.Tensor) -> torch.Tensor:
         """``model.attend_padding``: SASRec's window. The items are left-padded to exactly
@@ -487,7 +497,7 @@ class StageAModel(nn.Module):
             position_ids=positions,
             use_cache=False,
         )
-        hidden = self.out_proj(output.last_hidden_state.to(self.out_proj.weight.dtype))  # (B, S_w, d)
+        hidden = self._project_out(output.last_hidden_state)  # (B, S_w, d)
         index = (slot + offset)[:, :, None].expand(-1, -1, hidden.shape[-1])  # (B, T, d)
         states = hidden.gather(1, index) * item_mask[:, :, None]  # (B, T, d) back in item_seq's layout
         if self.use_user_token:
