@@ -19,6 +19,18 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+def generated_data(root: Path, users: int, items: int, interactions: int, seed: int) -> tuple[Path, Path]:
+    """Generated CSV logs under ``root`` and their processed folder (default config): (raw, data)."""
+    from llm_recommender.cli import main
+
+    raw = root / "raw.csv"
+    assert main(["generate", "--users", str(users), "--items", str(items), "--interactions", str(interactions),
+                 "--format", "csv", "--seed", str(seed), "--output", str(raw)]) == 0
+    data = root / "data"
+    assert main(["preprocess", "--output_dir", str(data), "--set", f"data.path={raw}"]) == 0
+    return raw, data
+
+
 @pytest.fixture(autouse=True)
 def _offline_hub(monkeypatch):
     # Tests never reach the Hugging Face Hub.

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import generated_data
 from llm_recommender.cli import main
 
 
 @pytest.fixture(scope="module")
 def processed(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli_errors")
-    raw = root / "raw.csv"
-    assert main(["generate", "--users", "60", "--items", "30", "--interactions", "900", "--format", "csv",
-                 "--seed", "1", "--output", str(raw)]) == 0
-    assert main(["preprocess", "--output_dir", str(root / "data"), "--set", f"data.path={raw}"]) == 0
-    return root / "data"
+    return generated_data(tmp_path_factory.mktemp("cli_errors"), users=60, items=30, interactions=900, seed=1)[1]
 
 
 CASES = [

@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from conftest import generated_data
 from llm_recommender.cli import main
 from llm_recommender.data.dataset import ProcessedData
 
@@ -27,11 +28,7 @@ def _sets(overrides):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("fingerprint")
-    raw = root / "raw.csv"
-    assert main(["generate", "--users", "80", "--items", "40", "--interactions", "1200", "--format", "csv",
-                 "--seed", "2", "--output", str(raw)]) == 0
-    data = root / "data"
-    assert main(["preprocess", "--output_dir", str(data), "--set", f"data.path={raw}"]) == 0
+    raw, data = generated_data(root, users=80, items=40, interactions=1200, seed=2)
     run = root / "run"
     assert main(["train", "--data_dir", str(data), "--output_dir", str(run), *_sets(TINY)]) == 0
     return raw, data, run / "best_model"
