@@ -103,7 +103,13 @@ def main() -> None:
     model.load_state_dict(best[2])
     model.eval()
     test = evaluate(model, data, "test", eval_config, 50)
+    print(f"SASRec (best epoch {best[1]}): test sampled NDCG@10 {test['sampled']['NDCG@10']:.4f} "
+          f"HR@10 {test['sampled']['HR@10']:.4f}; full NDCG@10 {test['full']['NDCG@10']:.4f} "
+          f"HR@10 {test['full']['HR@10']:.4f}", flush=True)
     fused = fuse_item_knn(model, data, eval_config) if args.item_knn else None
+    if fused is not None:
+        print(f"SASRec + item_knn (weight {fused['weight']:g}): test sampled NDCG@10 "
+              f"{fused['test']['sampled']['NDCG@10']:.4f} full {fused['test']['full']['NDCG@10']:.4f}", flush=True)
     refit = None
     if args.refit:
         # As stage_a.refit_on_valid: from scratch, same seed, on training + validation events,
@@ -143,11 +149,6 @@ def main() -> None:
         "machine": machine(),
         "command": "python benchmarks/sasrec_beauty.py " + " ".join(sys.argv[1:]),
     }
-    print(f"test sampled NDCG@10 {test['sampled']['NDCG@10']:.4f} HR@10 {test['sampled']['HR@10']:.4f}; "
-          f"full NDCG@10 {test['full']['NDCG@10']:.4f} HR@10 {test['full']['HR@10']:.4f} (best epoch {best[1]})")
-    if fused is not None:
-        print(f"SASRec + item_knn (weight {fused['weight']:g}): test sampled NDCG@10 "
-              f"{fused['test']['sampled']['NDCG@10']:.4f}; full NDCG@10 {fused['test']['full']['NDCG@10']:.4f}")
     if refit is not None:
         print(f"SASRec refit ({best[1]} epochs on train + valid): test sampled NDCG@10 "
               f"{refit['test']['sampled']['NDCG@10']:.4f} full {refit['test']['full']['NDCG@10']:.4f}"
