@@ -215,6 +215,27 @@ def test_learning_rate_decays_on_a_plateau_and_the_refit_replays_it(tiny_data, t
                                                     3: pytest.approx(1.5e-3)}
 
 
+def test_validations_are_at_least_eval_min_steps_apart(tiny_data, tmp_path, monkeypatch):
+    """stage_a.eval_min_steps: with 400 users and a batch of 200 (2 steps per epoch), every epoch
+    would validate; at least 5 steps apart rounds the cadence up to every 3 epochs, and patience
+    counts those validations."""
+    from llm_recommender.trainers.stage_a_trainer import StageATrainer
+
+    scripted = iter([0.10, 0.20, 0.15, 0.14, 0.13, 0.12])
+
+    def validate(self):
+        return {"sampled": {"NDCG@10": next(scripted), "HR@10": 0.0}}
+
+    monkeypatch.setattr(StageATrainer, "validate", validate)
+    config = _config("stage_a.batch_size=200", "stage_a.epochs=30", "stage_a.patience=2",
+                     "stage_a.eval_min_steps=5", "stage_a.lr_schedule=constant", "stage_a.warmup_ratio=0")
+    summary = train_stage_a(config, tiny_data, tmp_path / "run")
+    entries = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    validated = [e["epoch"] for e in entries if e["kind"] == "epoch" and "valid_NDCG@10" in e]
+    assert validated == [3, 6, 9, 12]  # best at 6, then 2 validations without gain
+    assert summary["best_epoch"] == 6 and summary["epochs"] == 12
+
+
 def test_epoch_loss_average_weighs_every_target_position_the_same(tiny_data, tmp_path):
     """stage_a.loss_average=epoch: a batch's loss is its sum over target positions divided by
     the epoch's average positions per batch (a batch of short windows no longer weighs each of

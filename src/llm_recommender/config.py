@@ -485,6 +485,12 @@ class StageAConfig:
     """Early stopping: validations without a better NDCG@10 before stopping (0 disables)."""
     eval_every_epochs: int = 1
     """Validate every this many epochs."""
+    eval_min_steps: int = 0
+    """Validate no more often than every this many optimizer steps: the validation cadence is
+    ``eval_every_epochs`` rounded up to a multiple that spans at least this many steps, and
+    ``patience`` counts those validations. On a small data set (one or two steps per epoch) a
+    cadence in epochs alone would end the run after a few dozen steps; in steps it gives every
+    data set the same number of updates between validations (0: epochs alone)."""
     eval_protocol: Literal["sampled", "full"] = "sampled"
     """Protocol of the validation metric used for early stopping."""
     eval_max_users: Optional[int] = None
@@ -574,6 +580,7 @@ class StageAConfig:
             self.eval_every_epochs,
             "must be >= 1",
         )
+        _check(self.eval_min_steps >= 0, "stage_a.eval_min_steps", self.eval_min_steps, "must be >= 0")
         _check(
             self.eval_max_users is None or self.eval_max_users >= 1,
             "stage_a.eval_max_users",

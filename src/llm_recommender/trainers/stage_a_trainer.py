@@ -223,6 +223,11 @@ class StageATrainer:
         self.total_steps = self.steps_per_epoch * config.stage_a.epochs
         if config.stage_a.max_steps is not None:
             self.total_steps = min(self.total_steps, config.stage_a.max_steps)
+        # Validation cadence in epochs: eval_every_epochs, rounded up to a multiple spanning at
+        # least eval_min_steps optimizer steps (a function of config and data: resume-safe).
+        every = config.stage_a.eval_every_epochs
+        spans = -(-config.stage_a.eval_min_steps // self.steps_per_epoch)  # epochs for eval_min_steps
+        self.eval_every_epochs = every * max(1, -(-spans // every))
 
         set_seed(config.stage_a.seed)
         from ..models.stage_a_model import StageAModel
@@ -631,7 +636,7 @@ class StageATrainer:
                 epoch_seconds = time.perf_counter() - epoch_start
                 finished_epoch = self.step_in_epoch >= self.steps_per_epoch
                 validate_now = not self.refit and (
-                    (self.epoch + 1) % cfg.eval_every_epochs == 0
+                    (self.epoch + 1) % self.eval_every_epochs == 0
                     or not finished_epoch
                     or self.global_step >= self.total_steps
                     or self.epoch + 1 >= cfg.epochs
@@ -755,7 +760,8 @@ class StageATrainer:
             f"train: {self.data.num_users} users, {self.data.num_items} items, {len(self.windows)} windows; "
             f"backbone {info.get('family', '?')} ({info.get('source', '?')}, {self.config.model.finetune_mode}); "
             f"parameters {counts['total']:,} ({counts['trainable']:,} trainable); "
-            f"{self.steps_per_epoch} steps/epoch x {self.config.stage_a.epochs} epochs; "
+            f"{self.steps_per_epoch} steps/epoch x {self.config.stage_a.epochs} epochs, "
+            f"validation every {self.eval_every_epochs} epoch(s); "
             f"{self.world} process(es) on {self.device}",
             flush=True,
         )
