@@ -436,10 +436,7 @@ class StageAModel(nn.Module):
         item_mask = item_seq != 0  # (B, T)
         tokens = self.embeddings.item_tokens(item_seq)  # (B, T, d_model)
         if self.use_user_token:
-            if self.share_user_token:
-                user_ids = torch.zeros_like(user_ids)  # one learned start token for every user
-            user_token = self.embeddings.user_tokens(user_ids)[:, None, :]  # (B, 1, d_model)
-            tokens = torch.cat([user_token, tokens], dim=1)  # (B, T+1, d_model)
+            tokens = self._prepend_user_token(user_ids, tokens)  # (B, T+1, d_model)
             visible = torch.ones_like(item_mask[:, :1])  # (B, 1)
             mask = torch.cat([visible, item_mask], dim=1)  # (B, T+1)
         else:
@@ -458,6 +455,13 @@ class StageAModel(nn.Module):
             use_cache=False,
         )
         return self._project_out(output.last_hidden_state)  # (B, S, d)
+
+    def _prepend_user_token(self, user_ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """``(B,)``, ``(B, T, d_model)`` -> ``(B, T+1, d_model)``: the user's soft token first
+        (with ``model.share_user_token`` the same learned start token for every user)."""
+        if self.share_user_token:
+            user_ids = torch.zeros_like(user_ids)
+        return torch.cat([self.embeddings.user_tokens(user_ids)[:, None, :], tokens], dim=1)
 
     def _project_out(self, hidden: torch.Tensor) -> torch.Tensor:
         """Backbone states ``(B, S, d_model)`` -> ``(B, S, d)``, the space of the item table."""
@@ -486,8 +490,7 @@ class StageAModel(nn.Module):
         tokens = self.embeddings.item_tokens(window)  # (B, L, d_model)
         offset = 0
         if self.use_user_token:
-            users = torch.zeros_like(user_ids) if self.share_user_token else user_ids
-            tokens = torch.cat([self.embeddings.user_tokens(users)[:, None, :], tokens], dim=1)  # (B, L+1, d_model)
+            tokens = self._prepend_user_token(user_ids, tokens)  # (B, L+1, d_model)
             offset = 1
         tokens = self.embedding_dropout(tokens)
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)  # (B, S_w)
