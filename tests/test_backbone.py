@@ -63,6 +63,24 @@ def test_sasrec_sized_gpt2_is_a_config_and_dropout_applies():
     assert {m.p for m in backbone.modules() if isinstance(m, torch.nn.Dropout)} == {0.5}
 
 
+def test_residual_dropout_sets_only_the_sublayer_output_dropout():
+    """model.residual_dropout: GPT-2's resid_pdrop (after attention and MLP, before the residual
+    add) apart from model.dropout (embeddings, attention weights); refused where a family has
+    no such setting."""
+    model_config = _model_config("model.random_init_stage_a_llm=true", "model.base_llm=gpt2", *TINY,
+                                 "model.dropout=0.6", "model.residual_dropout=0.1")
+    backbone, _, _ = load_backbone(model_config)
+    block = backbone.h[0]
+    assert (block.attn.resid_dropout.p, block.mlp.dropout.p) == (0.1, 0.1)
+    assert (block.attn.attn_dropout.p, backbone.drop.p) == (0.6, 0.6)
+    llama = _model_config("model.random_init_stage_a_llm=true", "model.base_llm=HuggingFaceTB/SmolLM2-135M",
+                          *TINY, "model.residual_dropout=0.1")
+    with pytest.raises(ConfigError, match="model.residual_dropout: llama has no"):
+        load_backbone(llama)
+    with pytest.raises(ConfigError, match="model.residual_dropout"):
+        _model_config("model.residual_dropout=1.5")
+
+
 def test_unknown_hub_name_is_a_one_line_error_saying_how_to_get_it():
     model_config = _model_config("model.base_llm=nobody/not-a-model-xyz")
     with pytest.raises(ModelLoadError) as excinfo:

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -256,6 +257,57 @@ def test_epoch_loss_average_weighs_every_target_position_the_same(tiny_data, tmp
     assert 0.8 < sum(weights) / len(weights) < 1.2
     plain = StageATrainer(_config(), tiny_data, tmp_path / "plain")
     assert plain._position_weight(plain._batch_tensors(batches[0])) == 1.0
+
+
+def test_last_batch_fill_trains_every_window_every_epoch(tiny_data, tmp_path):
+    """stage_a.last_batch=fill: 400 windows at batch 150 are 3 batches, the third completed from
+    the start of the epoch's order, so every window is in every epoch; drop: 2 batches, a
+    different 100 skipped each epoch; a batch larger than the data is an error under drop."""
+    from llm_recommender.data.dataset import epoch_batches
+    from llm_recommender.errors import ConfigError
+    from llm_recommender.trainers.stage_a_trainer import StageATrainer
+
+    lengths = np.random.default_rng(0).integers(2, 20, 400)
+    for bucketing in (False, True):
+        filled = epoch_batches(lengths, 150, 7, 3, bucketing, fill_last=True)
+        assert [len(b) for b in filled] == [150, 150, 150]
+        seen = np.concatenate(filled)
+        assert set(seen.tolist()) == set(range(400)) and len(seen) == 450
+        again = epoch_batches(lengths, 150, 7, 3, bucketing, fill_last=True)
+        assert all((a == b).all() for a, b in zip(filled, again))  # a function of (seed, epoch)
+        dropped = epoch_batches(lengths, 150, 7, 3, bucketing)
+        assert len(dropped) == 2 and len(set(np.concatenate(dropped).tolist())) == 300
+    tiny = epoch_batches(lengths[:10], 32, 7, 0, False, fill_last=True)  # fewer windows than a batch
+    assert len(tiny) == 1 and set(tiny[0].tolist()) == set(range(10))
+    trainer = StageATrainer(_config("stage_a.batch_size=150", "stage_a.last_batch=fill"), tiny_data, tmp_path / "f")
+    assert trainer.steps_per_epoch == 3 and len(trainer._micro_batches(0)) == 3
+    with pytest.raises(ConfigError, match="stage_a.last_batch: fill"):
+        StageATrainer(_config("stage_a.batch_size=500"), tiny_data, tmp_path / "d")
+
+
+def test_all_windows_make_every_training_event_a_target_once(tiny_data):
+    """stage_a.windows_per_user=null: non-overlapping windows of max_seq_len + 1 events, from the
+    most recent back, cover each user's whole training prefix; every event but each window's
+    first is a target, once."""
+    from llm_recommender.data.dataset import TrainWindows
+
+    data = ProcessedData(tiny_data)
+    windows = TrainWindows(data, max_seq_len=5, use_user_token=False, windows_per_user=None)
+    one = TrainWindows(data, max_seq_len=5, use_user_token=False, windows_per_user=1)
+    batch = windows.batch(np.arange(len(windows)))
+    expected_windows = 0
+    for user in range(1, data.num_users + 1):
+        prefix = np.asarray(data.train_sequence(user)).tolist()
+        expected = []
+        for end in range(len(prefix), 0, -6):
+            window = prefix[max(0, end - 6) : end]
+            if len(window) >= 2:  # an input and a target
+                expected += window[1:]
+                expected_windows += 1
+        rows = batch["user_ids"] == user
+        got = batch["targets"][rows]
+        assert sorted(got[got != 0].tolist()) == sorted(expected)
+    assert len(windows) == expected_windows > len(one)
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tiny_data, tmp_path):

@@ -225,6 +225,10 @@ class ModelConfig:
     """Random init only: MLP width (``null``: 4 × hidden_size)."""
     dropout: Optional[float] = None
     """Dropout inside the backbone (``null``: the architecture's own; pretrained GPT-2: 0.1)."""
+    residual_dropout: Optional[float] = None
+    """Dropout on each sublayer's output before it joins the residual stream (GPT-2's
+    ``resid_pdrop``; ``null``: ``model.dropout``). SASRec drops the FFN's output but not the
+    attention's; GPT-2 drops both with one rate. Only families with such a setting."""
     initializer_range: Optional[float] = None
     """Random init only: std of the backbone's normal weight init (``null``: the
     architecture's own, 0.02 for GPT-2, Qwen2 and Llama)."""
@@ -304,7 +308,7 @@ class ModelConfig:
             "must be > 0 or null",
         )
         _check(self.soft_token_scale > 0, "model.soft_token_scale", self.soft_token_scale, "must be > 0")
-        for key in ("dropout", "embedding_dropout", "unknown_user_prob"):
+        for key in ("dropout", "residual_dropout", "embedding_dropout", "unknown_user_prob"):
             value = getattr(self, key)
             _check(value is None or 0.0 <= value < 1.0, f"model.{key}", value, "must be in [0, 1)")
         if self.finetune is not None and self.finetune != "lora":
@@ -495,8 +499,16 @@ class StageAConfig:
     """Protocol of the validation metric used for early stopping."""
     eval_max_users: Optional[int] = None
     """Validate on a seeded sample of users (``null``: all); the test is always on all."""
-    windows_per_user: int = 1
-    """Training windows per user per epoch: the most recent one, then earlier ones."""
+    windows_per_user: Optional[int] = 1
+    """Training windows per user per epoch: the most recent one, then earlier, non-overlapping
+    ones of ``model.max_seq_len + 1`` events. ``null``: all of them, so every training event is
+    a target once per epoch (long histories, e.g. MovieLens with ~100 events per user, are
+    otherwise trained on their last 51 events only)."""
+    last_batch: Literal["drop", "fill"] = "drop"
+    """The epoch's last, partial batch: ``drop`` skips those examples (a different remainder
+    every epoch); ``fill`` completes the batch with examples from the start of the epoch's
+    shuffled order, so every example is trained on every epoch (a few twice). Small data
+    sets need ``fill``: with 943 users and batch 512, ``drop`` skips 46% of them each epoch."""
     length_bucketing: bool = True
     """Group windows of similar length into batches (order still shuffled per epoch): with
     short Amazon sequences most of a randomly formed batch is padding."""
@@ -588,10 +600,10 @@ class StageAConfig:
             "must be >= 1 or null",
         )
         _check(
-            self.windows_per_user >= 1,
+            self.windows_per_user is None or self.windows_per_user >= 1,
             "stage_a.windows_per_user",
             self.windows_per_user,
-            "must be >= 1",
+            "must be >= 1 or null (all windows)",
         )
         _check(self.num_workers >= 0, "stage_a.num_workers", self.num_workers, "must be >= 0")
         _check(

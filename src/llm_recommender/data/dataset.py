@@ -224,7 +224,8 @@ class TrainWindows:
         data: the processed dataset.
         max_seq_len: most input items per example.
         use_user_token: whether the model prepends a user token.
-        windows_per_user: windows per user (the most recent first).
+        windows_per_user: windows per user (the most recent first); ``None``: all of them, so
+            every training event of every user is a target once per epoch.
     """
 
     def __init__(
@@ -232,7 +233,7 @@ class TrainWindows:
         data: ProcessedData,
         max_seq_len: int,
         use_user_token: bool = True,
-        windows_per_user: int = 1,
+        windows_per_user: int | None = 1,
     ) -> None:
         self.max_seq_len = int(max_seq_len)
         self.use_user_token = bool(use_user_token)
@@ -244,6 +245,8 @@ class TrainWindows:
         min_len = 1 if self.use_user_token else 2
         users, window_ends = [], []
         span = self.max_seq_len + 1
+        if windows_per_user is None:
+            windows_per_user = max(1, int(-(-int((ends - starts).max(initial=0)) // span)))
         for k in range(windows_per_user):
             end = ends - k * span
             ok = (end - starts) >= min_len
@@ -300,9 +303,20 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def epoch_batches(
-    lengths: np.ndarray, batch_size: int, seed: int, epoch: int, bucketing: bool, bucket_batches: int = 50
+    lengths: np.ndarray,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    bucketing: bool,
+    bucket_batches: int = 50,
+    fill_last: bool = False,
 ) -> list[np.ndarray]:
     """The global batches of one epoch (full batches only), a function of (seed, epoch).
+
+    With ``fill_last`` the epoch's partial last batch is completed with examples from the start
+    of the shuffled order (cyclically, when there are fewer examples than one batch): every
+    example is seen every epoch, a few twice. Without it the remainder is skipped (a different
+    one every epoch): on 943 users at batch 512 that is 46% of the data per epoch.
 
     With ``bucketing``, the shuffled examples are cut into pools of ``bucket_batches``
     batches, each pool is sorted by window length and cut into batches, and the batch order
@@ -315,10 +329,15 @@ def epoch_batches(
         epoch: epoch number.
         bucketing: group similar lengths.
         bucket_batches: batches per sorting pool.
+        fill_last: complete the last batch instead of skipping the remainder.
     """
     order = epoch_permutation(len(lengths), seed, epoch)
-    num_batches = len(order) // batch_size
-    order = order[: num_batches * batch_size]
+    if fill_last:
+        num_batches = -(-len(order) // batch_size)
+        order = np.resize(order, num_batches * batch_size)  # cyclic: the start fills the end
+    else:
+        num_batches = len(order) // batch_size
+        order = order[: num_batches * batch_size]
     if bucketing and num_batches > 1:
         pool = batch_size * bucket_batches
         pieces = []

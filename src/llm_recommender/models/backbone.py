@@ -275,6 +275,19 @@ def _set_dropout(config, p: float) -> None:
             setattr(config, attr, p)
 
 
+def _set_residual_dropout(config, model_config: ModelConfig) -> None:
+    p = model_config.residual_dropout
+    if p is None:
+        return
+    attrs = [a for a in ("resid_pdrop", "hidden_dropout") if hasattr(config, a)]
+    if not attrs:
+        raise ConfigError(
+            f"model.residual_dropout: {config.model_type} has no residual dropout setting (set it to null)"
+        )
+    for attr in attrs:
+        setattr(config, attr, p)
+
+
 def _apply_random_overrides(config, model_config: ModelConfig, max_tokens: int) -> None:
     """Reshape a config for random init: layers, width, heads, MLP width, dropout."""
     if model_config.num_layers is not None:
@@ -304,6 +317,7 @@ def _apply_random_overrides(config, model_config: ModelConfig, max_tokens: int) 
             config.intermediate_size = inter
     if model_config.dropout is not None:
         _set_dropout(config, model_config.dropout)
+    _set_residual_dropout(config, model_config)
     if model_config.initializer_range is not None:
         config.initializer_range = model_config.initializer_range
     if model_config.activation is not None:
@@ -416,6 +430,7 @@ def load_backbone(model_config: ModelConfig) -> tuple[nn.Module, int, dict[str, 
             _set_num_layers(config, model_config.num_layers)
         if model_config.dropout is not None:
             _set_dropout(config, model_config.dropout)
+        _set_residual_dropout(config, model_config)
         max_pos = getattr(config, "max_position_embeddings", None)
         if config.model_type == "gpt2" and max_pos is not None and max_pos < max_tokens:
             raise ConfigError(

@@ -217,7 +217,16 @@ class StageATrainer:
         targets_per_window = self.windows.lengths - (0 if config.model.use_user_token else 1)  # (windows,)
         # stage_a.loss_average=epoch: a global batch's expected number of target positions.
         self.positions_per_batch = float(targets_per_window.mean()) * self.global_batch
-        self.batches_per_epoch = max(1, len(self.windows) // self.global_batch)
+        if config.stage_a.last_batch == "fill":
+            self.batches_per_epoch = max(1, -(-len(self.windows) // self.global_batch))
+        else:
+            if len(self.windows) < self.global_batch:
+                raise ConfigError(
+                    f"stage_a.batch_size={config.stage_a.batch_size} x {self.world} process(es) exceeds the "
+                    f"{len(self.windows)} training windows, and stage_a.last_batch=drop would skip them all; "
+                    "lower stage_a.batch_size or set stage_a.last_batch: fill"
+                )
+            self.batches_per_epoch = len(self.windows) // self.global_batch
         accumulation = config.stage_a.gradient_accumulation_steps
         self.steps_per_epoch = max(1, self.batches_per_epoch // accumulation)
         self.total_steps = self.steps_per_epoch * config.stage_a.epochs
@@ -481,7 +490,12 @@ class StageATrainer:
     def _micro_batches(self, epoch: int) -> list[np.ndarray]:
         cfg = self.config.stage_a
         global_batches = epoch_batches(
-            self.windows.lengths, self.global_batch, cfg.seed, epoch, cfg.length_bucketing
+            self.windows.lengths,
+            self.global_batch,
+            cfg.seed,
+            epoch,
+            cfg.length_bucketing,
+            fill_last=cfg.last_batch == "fill",
         )
         size = cfg.batch_size
         # Each process takes its slice of every global batch: N processes x batch B see the
