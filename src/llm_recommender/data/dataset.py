@@ -245,8 +245,9 @@ class TrainWindows:
         min_len = 1 if self.use_user_token else 2
         users, window_ends = [], []
         span = self.max_seq_len + 1
-        if windows_per_user is None:
-            windows_per_user = max(1, int(-(-int((ends - starts).max(initial=0)) // span)))
+        if windows_per_user is None:  # enough windows to cover the longest prefix
+            longest = int((ends - starts).max(initial=0))
+            windows_per_user = max(1, -(-longest // span))
         for k in range(windows_per_user):
             end = ends - k * span
             ok = (end - starts) >= min_len
@@ -302,6 +303,14 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
     return rng.permutation(num_examples)
 
 
+def num_batches(num_examples: int, batch_size: int, fill_last: bool) -> int:
+    """Batches in an epoch of ``num_examples``: rounded up with ``fill_last`` (at least one),
+    down without it (the remainder skipped)."""
+    if fill_last:
+        return max(1, -(-num_examples // batch_size))
+    return num_examples // batch_size
+
+
 def epoch_batches(
     lengths: np.ndarray,
     batch_size: int,
@@ -332,21 +341,18 @@ def epoch_batches(
         fill_last: complete the last batch instead of skipping the remainder.
     """
     order = epoch_permutation(len(lengths), seed, epoch)
-    if fill_last:
-        num_batches = -(-len(order) // batch_size)
-        order = np.resize(order, num_batches * batch_size)  # cyclic: the start fills the end
-    else:
-        num_batches = len(order) // batch_size
-        order = order[: num_batches * batch_size]
-    if bucketing and num_batches > 1:
+    count = num_batches(len(order), batch_size, fill_last)
+    # Cyclic with fill_last: the start of the order fills the end; otherwise a truncation.
+    order = np.resize(order, count * batch_size)
+    if bucketing and count > 1:
         pool = batch_size * bucket_batches
         pieces = []
         for start in range(0, len(order), pool):
             chunk = order[start : start + pool]
             pieces.append(chunk[np.argsort(lengths[chunk], kind="stable")])
         order = np.concatenate(pieces)
-    batches = order.reshape(num_batches, batch_size)
-    if bucketing and num_batches > 1:
+    batches = order.reshape(count, batch_size)
+    if bucketing and count > 1:
         rng = np.random.default_rng([seed, epoch, 0xB0C7])
-        batches = batches[rng.permutation(num_batches)]
+        batches = batches[rng.permutation(count)]
     return list(batches)

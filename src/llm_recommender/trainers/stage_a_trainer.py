@@ -35,7 +35,7 @@ from ..checkpoint import (
     unflatten_state,
 )
 from ..config import Config
-from ..data.dataset import ProcessedData, TrainWindows, epoch_batches
+from ..data.dataset import ProcessedData, TrainWindows, epoch_batches, num_batches
 from ..errors import ConfigError, TrainingError
 from ..io_utils import atomic_write_text, clean_stale_temporaries
 
@@ -217,16 +217,13 @@ class StageATrainer:
         targets_per_window = self.windows.lengths - (0 if config.model.use_user_token else 1)  # (windows,)
         # stage_a.loss_average=epoch: a global batch's expected number of target positions.
         self.positions_per_batch = float(targets_per_window.mean()) * self.global_batch
-        if config.stage_a.last_batch == "fill":
-            self.batches_per_epoch = max(1, -(-len(self.windows) // self.global_batch))
-        else:
-            if len(self.windows) < self.global_batch:
-                raise ConfigError(
-                    f"stage_a.batch_size={config.stage_a.batch_size} x {self.world} process(es) exceeds the "
-                    f"{len(self.windows)} training windows, and stage_a.last_batch=drop would skip them all; "
-                    "lower stage_a.batch_size or set stage_a.last_batch: fill"
-                )
-            self.batches_per_epoch = len(self.windows) // self.global_batch
+        self.batches_per_epoch = num_batches(len(self.windows), self.global_batch, config.stage_a.last_batch == "fill")
+        if self.batches_per_epoch == 0:
+            raise ConfigError(
+                f"stage_a.batch_size={config.stage_a.batch_size} x {self.world} process(es) exceeds the "
+                f"{len(self.windows)} training windows, and stage_a.last_batch=drop would skip them all; "
+                "lower stage_a.batch_size or set stage_a.last_batch: fill"
+            )
         accumulation = config.stage_a.gradient_accumulation_steps
         self.steps_per_epoch = max(1, self.batches_per_epoch // accumulation)
         self.total_steps = self.steps_per_epoch * config.stage_a.epochs
