@@ -75,6 +75,18 @@ def test_saved_config_round_trips(tmp_path):
     assert isinstance(again, Config) and again.data.columns.user == "who"
 
 
+def test_a_saved_config_is_a_valid_config_file(tmp_path):
+    # A checkpoint's config.yaml carries a format stamp; --config must take it as it is
+    # (to resume a run or retrain with it), and refuse a stamp from another format.
+    config = load_config(None, ["stage_a.batch_size=7"])
+    save_config(config, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml", ["stage_a.seed=3"]).stage_a.batch_size == 7
+    text = (tmp_path / "saved.yaml").read_text().replace("config_format_version: 1", "config_format_version: 99")
+    (tmp_path / "future.yaml").write_text(text)
+    with pytest.raises(ConfigError, match="future.yaml: config_format_version 99"):
+        load_config(tmp_path / "future.yaml")
+
+
 def test_cli_prints_one_line_for_a_config_mistake(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "llm_recommender.cli", "preprocess", "--output_dir", str(tmp_path / "out"),

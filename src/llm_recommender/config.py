@@ -929,7 +929,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         overrides: ``section.key=value`` strings, applied in order.
     """
     source = str(path) if path is not None else "config"
-    raw = normalize_aliases(read_yaml(path), source) if path is not None else {}
+    raw = {}
+    if path is not None:
+        raw = normalize_aliases(_drop_format_version(read_yaml(path), source), source)
     raw = apply_overrides(raw, overrides)
     return config_from_dict(raw, source)
 
@@ -946,6 +948,18 @@ def save_config(config: Config, path: str | Path) -> None:
 
 def load_saved_config(path: str | Path) -> Config:
     """Read a config written by :func:`save_config` (checkpoints, processed data)."""
-    raw = read_yaml(path)
-    raw.pop("config_format_version", None)
-    return config_from_dict(raw, str(path))
+    return config_from_dict(_drop_format_version(read_yaml(path), str(path)), str(path))
+
+
+def _drop_format_version(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """Remove the ``config_format_version`` stamp of a saved config, checking its value.
+
+    A checkpoint's ``config.yaml`` is a valid ``--config`` (to resume or retrain with it).
+    """
+    version = raw.pop("config_format_version", CONFIG_FORMAT_VERSION)
+    if version != CONFIG_FORMAT_VERSION:
+        raise ConfigError(
+            f"{source}: config_format_version {version!r} is not supported "
+            f"(this version of llm_recommender reads {CONFIG_FORMAT_VERSION})"
+        )
+    return raw
