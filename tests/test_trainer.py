@@ -216,6 +216,66 @@ def test_learning_rate_decays_on_a_plateau_and_the_refit_replays_it(tiny_data, t
                                                     3: pytest.approx(1.5e-3)}
 
 
+def test_weight_average_is_validated_saved_and_resumed(tiny_data, tmp_path, monkeypatch):
+    """stage_a.ema_decay: validation and best_model/ see the running average of the weights
+    (recomputed here from every step's weights), last/ keeps the training weights and the
+    averages ride in its state, so a resumed run ends with the same averages."""
+    from llm_recommender.trainers.stage_a_trainer import StageATrainer
+
+    decay = 0.9
+    step_weights: list[dict[str, torch.Tensor]] = []
+    original_step = StageATrainer._optimizer_step
+
+    def recording_step(self):
+        norm = original_step(self)
+        step_weights.append({n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad})
+        return norm
+
+    import llm_recommender.evaluation.evaluator as evaluator
+
+    validated: list[dict[str, torch.Tensor]] = []
+    original_evaluate = evaluator.evaluate
+
+    def recording_evaluate(model, *args, **kwargs):
+        validated.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        return original_evaluate(model, *args, **kwargs)
+
+    monkeypatch.setattr(StageATrainer, "_optimizer_step", recording_step)
+    monkeypatch.setattr(evaluator, "evaluate", recording_evaluate)
+    config = _config("stage_a.epochs=2", f"stage_a.ema_decay={decay}", "stage_a.eval_every_epochs=2")
+    trainer = StageATrainer(config, tiny_data, tmp_path / "run")
+    average = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.fit()
+    for t, weights in enumerate(step_weights):
+        w = 1 - min(decay, (1 + t) / (10 + t))
+        average = {n: a + w * (weights[n] - a) for n, a in average.items()}
+    assert len(validated) == 1 and len(step_weights) == 2 * trainer.steps_per_epoch
+    for name, value in average.items():
+        assert torch.allclose(validated[0][name], value, atol=1e-6), name
+    # The training weights are back after validation, and are what last/ holds.
+    last = load_file(str(tmp_path / "run" / "last" / "model.safetensors"))
+    best = load_file(str(tmp_path / "run" / "best_model" / "model.safetensors"))
+    raw = step_weights[-1]
+    some = next(k for k in best if k in raw and not torch.equal(raw[k], average[k]))
+    assert torch.equal(last[some], raw[some]) and torch.allclose(best[some], average[some], atol=1e-6)
+
+    # Resumed after its first epoch, the run ends with the same averages, bit for bit.
+    monkeypatch.setattr(StageATrainer, "_optimizer_step", original_step)
+    monkeypatch.setattr(evaluator, "evaluate", original_evaluate)
+    first = StageATrainer(_config("stage_a.epochs=2", f"stage_a.ema_decay={decay}", "stage_a.eval_every_epochs=2"),
+                          tiny_data, tmp_path / "resumed", stop_after_epochs=1)
+    first.fit()
+    again = StageATrainer(config, tiny_data, tmp_path / "resumed")
+    again.resume()
+    again.fit()
+    resumed = load_file(str(tmp_path / "resumed" / "best_model" / "model.safetensors"))
+    assert all(torch.equal(resumed[k], best[k]) for k in best)
+    # A run saved without averages cannot be resumed with them.
+    train_stage_a(_config("stage_a.epochs=1"), tiny_data, tmp_path / "plain")
+    with pytest.raises(TrainingError, match="without stage_a.ema_decay"):
+        StageATrainer(config, tiny_data, tmp_path / "plain").resume()
+
+
 def test_validations_are_at_least_eval_min_steps_apart(tiny_data, tmp_path, monkeypatch):
     """stage_a.eval_min_steps: with 400 users and a batch of 200 (2 steps per epoch), every epoch
     would validate; at least 5 steps apart rounds the cadence up to every 3 epochs, and patience

@@ -477,6 +477,11 @@ class StageAConfig:
     set converges, where a schedule over ``epochs`` would need the right epoch count."""
     lr_decay_factor: float = 0.1
     """Factor of each plateau decay (``lr_decay_patience``)."""
+    ema_decay: Optional[float] = None
+    """Keep an exponential moving average of the weights, updated after every optimizer
+    step, and validate, select and save it instead of the raw weights (``null``: off).
+    The decay at step t is ``min(ema_decay, (1 + t) / (10 + t))``, so early averages do not
+    drag in the random init. It smooths the noise of a constant learning rate."""
     max_grad_norm: Optional[float] = 1.0
     """Gradient clipping (``null`` disables)."""
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
@@ -567,6 +572,9 @@ class StageAConfig:
         _check(0 <= self.min_lr_ratio <= 1, "stage_a.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         _check(self.lr_decay_patience >= 0, "stage_a.lr_decay_patience", self.lr_decay_patience, "must be >= 0")
         _check(0 < self.lr_decay_factor < 1, "stage_a.lr_decay_factor", self.lr_decay_factor, "must be in (0, 1)")
+        _check(
+            self.ema_decay is None or 0 < self.ema_decay < 1, "stage_a.ema_decay", self.ema_decay, "must be in (0, 1)"
+        )
         _check(
             self.max_grad_norm is None or self.max_grad_norm > 0,
             "stage_a.max_grad_norm",

@@ -13,6 +13,7 @@ applied here rather than by Accelerate, which does not run FSDP on CPU); see
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -252,6 +253,17 @@ class StageATrainer:
             self._build_optimizers()
             self.wrapped = self.accelerator.prepare(LossModule(self.model))
 
+        # stage_a.ema_decay: the averaged copy of every trainable weight (fp32, same device).
+        self.ema: list[tuple[str, torch.nn.Parameter, torch.Tensor]] = []
+        if config.stage_a.ema_decay is not None:
+            if self.fsdp:
+                raise ConfigError("stage_a.ema_decay is not supported with runtime.fsdp=true (sharded weights)")
+            self.ema = [
+                (name, p, p.detach().float().clone())
+                for name, p in self.model.named_parameters()
+                if p.requires_grad
+            ]
+
         # Loop state (restored by --resume).
         self.epoch = 0
         self.step_in_epoch = 0  # optimizer steps done in the current epoch
@@ -375,6 +387,8 @@ class StageATrainer:
             "train_seconds": self.train_seconds,
             "world_size": self.world,
         }
+        for name, _, average in self.ema:
+            tensors["ema." + name] = average.detach().cpu()
         for rank, states in enumerate(rng_states):
             suffix = "" if rank == 0 else f".rank{rank}"
             tensors["rng.torch" + suffix] = states["cpu"]
@@ -400,6 +414,14 @@ class StageATrainer:
         if bool(state.get("fsdp", False)) != self.fsdp:
             raise TrainingError(f"{last}: saved with runtime.fsdp={state.get('fsdp', False)}; resume with the same")
         self.model.load_trainable_state_dict(load_file(str(last / MODEL_FILE)))
+        if self.ema:
+            missing = [name for name, _, _ in self.ema if "ema." + name not in tensors]
+            if missing:
+                raise TrainingError(
+                    f"{last}: saved without stage_a.ema_decay (no averaged weights); resume with the same setting"
+                )
+            for name, _, average in self.ema:
+                average.copy_(tensors["ema." + name])
         optimizer_states = [unflatten_state(payload, tensors) for payload in state["optimizers"]]
         if self.fsdp:  # loaded into the sharded optimizers by _shard()
             self._pending_state = (optimizer_states, state["schedulers"])
@@ -436,15 +458,19 @@ class StageATrainer:
             "best_epoch": self.best_epoch,
             "trained_on": "train+valid" if self.refit else "train",
         }
-        save_checkpoint(
-            self.output_dir / name,
-            self._eval_model(),
-            self.config,
-            info,
-            self.data_dir,
-            training_state=self._training_state(optimizer_states, rng_states) if with_state else None,
-            data_fingerprint=self.data.fingerprint,
-        )
+        # last/ resumes training: the training weights (the averages travel in its state);
+        # best_model/ is the model that was validated: the averages.
+        averaged = contextlib.nullcontext() if with_state else self._averaged_weights()
+        with averaged:
+            save_checkpoint(
+                self.output_dir / name,
+                self._eval_model(),
+                self.config,
+                info,
+                self.data_dir,
+                training_state=self._training_state(optimizer_states, rng_states) if with_state else None,
+                data_fingerprint=self.data.fingerprint,
+            )
 
     # ------------------------------------------------------------------ logging
 
@@ -529,7 +555,32 @@ class StageATrainer:
             sched.step()
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
+        if self.ema:
+            t = self.global_step  # steps done before this one
+            weight = 1.0 - min(self.config.stage_a.ema_decay, (1.0 + t) / (10.0 + t))
+            with torch.no_grad():
+                for _, param, average in self.ema:
+                    average.lerp_(param.detach().float(), weight)
         return grad_norm
+
+    @contextlib.contextmanager
+    def _averaged_weights(self):
+        """With ``stage_a.ema_decay``: the model holds the averaged weights inside the block
+        (validation, ``best_model/``), its training weights again after it."""
+        if not self.ema:
+            yield
+            return
+        saved = []
+        with torch.no_grad():
+            for _, param, average in self.ema:
+                saved.append(param.detach().clone())
+                param.copy_(average)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for (_, param, _), raw in zip(self.ema, saved):
+                    param.copy_(raw)
 
     def _train_epoch(self, epoch: int, deadline: float | None, progress) -> dict[str, float]:
         cfg = self.config.stage_a
@@ -601,16 +652,17 @@ class StageATrainer:
 
         cfg = self.config.stage_a
         model = self._eval_model()
-        result = evaluate(
-            model,
-            self.data,
-            "valid",
-            self.config.evaluation,
-            self.config.model.max_seq_len,
-            protocols=(cfg.eval_protocol,),
-            max_users=cfg.eval_max_users,
-            device=self.device,
-        )
+        with self._averaged_weights():
+            result = evaluate(
+                model,
+                self.data,
+                "valid",
+                self.config.evaluation,
+                self.config.model.max_seq_len,
+                protocols=(cfg.eval_protocol,),
+                max_users=cfg.eval_max_users,
+                device=self.device,
+            )
         return result
 
     # ------------------------------------------------------------------ run
