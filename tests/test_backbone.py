@@ -81,6 +81,31 @@ def test_residual_dropout_sets_only_the_sublayer_output_dropout():
         _model_config("model.residual_dropout=1.5")
 
 
+def test_mlp_dropout_drops_hidden_units_in_training_only():
+    """model.mlp_dropout wraps every layer's MLP activation (GPT-2 ``act``, Llama ``act_fn``):
+    same weights and names, a different output in training, the plain MLP in eval."""
+    import torch
+
+    for family in ("gpt2", "HuggingFaceTB/SmolLM2-135M"):
+        plain, _, _ = load_backbone(_model_config("model.random_init_stage_a_llm=true", f"model.base_llm={family}",
+                                                  *TINY, "model.dropout=0.0"))
+        dropped, _, _ = load_backbone(_model_config("model.random_init_stage_a_llm=true", f"model.base_llm={family}",
+                                                    *TINY, "model.dropout=0.0", "model.mlp_dropout=0.5"))
+        assert list(plain.state_dict()) == list(dropped.state_dict())
+        dropped.load_state_dict(plain.state_dict())
+        layers = getattr(dropped, "h", None) or dropped.layers
+        act = getattr(layers[0].mlp, "act", None) or layers[0].mlp.act_fn
+        assert isinstance(act[1], torch.nn.Dropout) and act[1].p == 0.5
+        x = torch.randn(2, 4, plain.config.hidden_size)
+        with torch.no_grad():
+            assert torch.allclose(plain(inputs_embeds=x).last_hidden_state, dropped(inputs_embeds=x).last_hidden_state)
+            dropped.train()
+            assert not torch.allclose(plain(inputs_embeds=x).last_hidden_state,
+                                      dropped(inputs_embeds=x).last_hidden_state)
+    with pytest.raises(ConfigError, match="model.mlp_dropout"):
+        _model_config("model.mlp_dropout=1.0")
+
+
 def test_unknown_hub_name_is_a_one_line_error_saying_how_to_get_it():
     model_config = _model_config("model.base_llm=nobody/not-a-model-xyz")
     with pytest.raises(ModelLoadError) as excinfo:

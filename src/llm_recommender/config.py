@@ -229,6 +229,10 @@ class ModelConfig:
     """Dropout on each sublayer's output before it joins the residual stream (GPT-2's
     ``resid_pdrop``; ``null``: ``model.dropout``). SASRec drops the FFN's output but not the
     attention's; GPT-2 drops both with one rate. Only families with such a setting."""
+    mlp_dropout: Optional[float] = None
+    """Dropout on the MLP's hidden activation in every decoder layer (``null``/0: none), as
+    SASRec's point-wise feed-forward drops after its ReLU; GPT-2, Qwen2 and Llama have no such
+    setting, so it wraps the layer's activation (``mlp.act`` / ``mlp.act_fn``)."""
     initializer_range: Optional[float] = None
     """Random init only: std of the backbone's normal weight init (``null``: the
     architecture's own, 0.02 for GPT-2, Qwen2 and Llama)."""
@@ -308,7 +312,7 @@ class ModelConfig:
             "must be > 0 or null",
         )
         _check(self.soft_token_scale > 0, "model.soft_token_scale", self.soft_token_scale, "must be > 0")
-        for key in ("dropout", "residual_dropout", "embedding_dropout", "unknown_user_prob"):
+        for key in ("dropout", "residual_dropout", "mlp_dropout", "embedding_dropout", "unknown_user_prob"):
             value = getattr(self, key)
             _check(value is None or 0.0 <= value < 1.0, f"model.{key}", value, "must be in [0, 1)")
         if self.finetune is not None and self.finetune != "lora":

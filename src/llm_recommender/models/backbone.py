@@ -288,6 +288,29 @@ def _set_residual_dropout(config, model_config: ModelConfig) -> None:
         setattr(config, attr, p)
 
 
+def _add_mlp_dropout(backbone: nn.Module, p: float) -> None:
+    """Dropout after the MLP activation of every decoder layer (``model.mlp_dropout``).
+
+    The activation module is wrapped, so the weights and their names are unchanged and any
+    checkpoint loads either way. A gated MLP (Llama, Qwen2: ``down(act(gate(x)) * up(x))``)
+    drops the same hidden units as dropping after the product would.
+    """
+    layers = _decoder_layers(backbone)
+    wrapped = 0
+    for layer in layers if layers is not None else []:
+        mlp = getattr(layer, "mlp", None)
+        for attr in ("act", "act_fn"):
+            act = getattr(mlp, attr, None) if mlp is not None else None
+            if isinstance(act, nn.Module):
+                setattr(mlp, attr, nn.Sequential(act, nn.Dropout(p)))
+                wrapped += 1
+                break
+    if not wrapped:
+        raise ConfigError(
+            f"model.mlp_dropout: no MLP activation found in {type(backbone).__name__}'s layers (set it to null)"
+        )
+
+
 def _apply_random_overrides(config, model_config: ModelConfig, max_tokens: int) -> None:
     """Reshape a config for random init: layers, width, heads, MLP width, dropout."""
     if model_config.num_layers is not None:
@@ -469,6 +492,8 @@ def load_backbone(model_config: ModelConfig) -> tuple[nn.Module, int, dict[str, 
 
     hidden_size = int(backbone.config.hidden_size)
     _replace_token_embedding(backbone, hidden_size, dtype)
+    if model_config.mlp_dropout:
+        _add_mlp_dropout(backbone, model_config.mlp_dropout)
     backbone.eval()
     check_causal(backbone, model_config.base_llm)
     layers = _decoder_layers(backbone)
