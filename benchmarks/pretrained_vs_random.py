@@ -126,11 +126,16 @@ def main() -> None:
         "command": "python benchmarks/pretrained_vs_random.py " + " ".join(sys.argv[1:]),
     }
     if baseline:
+        # Full ranking first (the protocol of the public figures), the sampled one beside it.
         payload["ratio_vs_random_full"] = {
-            name: round(r["test_sampled"]["NDCG@10"] / baseline["test_sampled"]["NDCG@10"], 3)
-            for name, r in results.items()
+            protocol: {
+                name: round(r[f"test_{protocol}"]["NDCG@10"] / baseline[f"test_{protocol}"]["NDCG@10"], 3)
+                for name, r in results.items()
+            }
+            for protocol in ("full", "sampled")
         }
-        print("test sampled NDCG@10 ratio vs random init:", payload["ratio_vs_random_full"])
+        for protocol, ratios in payload["ratio_vs_random_full"].items():
+            print(f"test {protocol} NDCG@10 ratio vs random init: {ratios}")
     write_result("pretrained_vs_random", payload)
 
 
