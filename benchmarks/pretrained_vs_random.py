@@ -51,6 +51,12 @@ def smollm2_path() -> Path:
     return Path(spec.origin).parent / GGUF_NAME
 
 
+def _shown(path: Path) -> str:
+    """A path relative to the repository when it lies inside it."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=2)
@@ -82,7 +88,7 @@ def main() -> None:
         f"stage_a.eval_every_epochs={args.eval_every}",
         "stage_a.eval_min_steps=0",
         f"stage_a.patience={args.patience}",
-        *( [f"stage_a.max_train_minutes={args.minutes}"] if args.minutes else [] ),
+        *([f"stage_a.max_train_minutes={args.minutes}"] if args.minutes else []),
         *args.overrides,
     ]
     variants = {
@@ -117,7 +123,7 @@ def main() -> None:
     payload = {
         "benchmark": "pretrained_vs_random",
         "backbone": f"SmolLM2-135M (GGUF), first {args.layers} layers",
-        "recipe": str(Path(args.recipe).resolve().relative_to(REPO)) if Path(args.recipe).resolve().is_relative_to(REPO) else args.recipe,
+        "recipe": _shown(Path(args.recipe)),
         "epoch_cap": args.epochs,
         "budget_minutes_per_variant": args.minutes,
         "threads": args.threads,

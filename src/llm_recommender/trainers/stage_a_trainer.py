@@ -415,8 +415,7 @@ class StageATrainer:
             raise TrainingError(f"{last}: saved with runtime.fsdp={state.get('fsdp', False)}; resume with the same")
         self.model.load_trainable_state_dict(load_file(str(last / MODEL_FILE)))
         if self.ema:
-            missing = [name for name, _, _ in self.ema if "ema." + name not in tensors]
-            if missing:
+            if any("ema." + name not in tensors for name, _, _ in self.ema):
                 raise TrainingError(
                     f"{last}: saved without stage_a.ema_decay (no averaged weights); resume with the same setting"
                 )
