@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -449,3 +450,69 @@ def test_fsdp_matches_ddp_and_resumes_bit_for_bit(tiny_data, tmp_path):
     model, _, info = load_checkpoint(tmp_path / "fsdp" / "best_model")
     assert info["global_step"] == 8
     assert all(torch.equal(t, fsdp[k]) for k, t in model.trainable_state_dict().items())
+
+
+def test_tied_training_events_are_reordered_every_epoch_and_nothing_else_moves(tmp_path):
+    """stage_a.shuffle_tied_events: a user's training events with one timestamp get a new
+    order each epoch (a function of seed and epoch); single events, other users' events,
+    validation and test events stay where the file put them."""
+    from llm_recommender.data.dataset import TrainWindows
+
+    from processed_helpers import write_processed
+
+    folder = tmp_path / "ties"
+    write_processed(folder, [[1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12]])
+    # user 1: events 0-2 tie (train), event 3 alone, 4-6 tie but 5-6 are valid/test;
+    # user 2: one timestamp, equal to user 1's last: 3 training events tie, then valid/test.
+    np.save(folder / "seq_timestamps.npy", np.array([0, 0, 0, 1, 2, 2, 2, 2, 2, 2, 2, 2], dtype=np.int64))
+    data = ProcessedData(folder)
+    windows = TrainWindows(data, max_seq_len=10, use_user_token=False, windows_per_user=None, shuffle_ties=True)
+    assert windows.num_tied_events == 6
+    file_order = np.asarray(data.items).tolist()
+    orders = set()
+    for epoch in range(1, 21):
+        windows.set_epoch(7, epoch)
+        items = windows.items.tolist()
+        assert sorted(items[0:3]) == [1, 2, 3] and sorted(items[7:10]) == [8, 9, 10]
+        assert items[3:7] == file_order[3:7] and items[10:] == file_order[10:]
+        orders.add((tuple(items[0:3]), tuple(items[7:10])))
+        again = TrainWindows(data, max_seq_len=10, use_user_token=False, windows_per_user=None, shuffle_ties=True)
+        again.set_epoch(7, epoch)
+        assert again.items.tolist() == items  # a resumed run (or another process) sees the same order
+        batch = windows.batch(np.arange(len(windows)))
+        # Batches read the epoch's order: every training event but each user's first is a target.
+        assert sorted(batch["targets"][batch["targets"] != 0].tolist()) == sorted(items[1:5] + items[8:10])
+    assert len(orders) > 10
+    # A refit view trains on validation events too: user 1's events 4-5 now tie, user 2's
+    # validation event joins its group; the test events stay.
+    refit = TrainWindows(ProcessedData(folder, train_through="valid"), 10, False, None, shuffle_ties=True)
+    assert refit.num_tied_events == 3 + 2 + 4
+    for epoch in range(1, 6):
+        refit.set_epoch(7, epoch)
+        assert refit.items[6] == 7 and refit.items[11] == 12
+    # Off (the default): the file's order every epoch.
+    plain = TrainWindows(data, max_seq_len=10, use_user_token=False, windows_per_user=None)
+    plain.set_epoch(7, 3)
+    assert plain.num_tied_events == 0 and plain.items.tolist() == file_order
+
+
+def test_the_trainer_reorders_tied_events_at_every_epoch(tiny_data, tmp_path, monkeypatch, capsys):
+    from llm_recommender.data.dataset import TrainWindows
+
+    calls = []
+    original = TrainWindows.set_epoch
+
+    def spy(self, seed, epoch):
+        calls.append((seed, epoch, self.num_tied_events))
+        original(self, seed, epoch)
+
+    monkeypatch.setattr(TrainWindows, "set_epoch", spy)
+    tied_data = tmp_path / "tied"
+    shutil.copytree(tiny_data, tied_data)
+    stamps = np.load(tied_data / "seq_timestamps.npy")
+    np.save(tied_data / "seq_timestamps.npy", np.arange(len(stamps)) // 3)  # events logged three at a time
+    train_stage_a(_config("stage_a.epochs=2", "stage_a.shuffle_tied_events=true", "stage_a.seed=5"),
+                  tied_data, tmp_path / "run")
+    tied = calls[0][2]
+    assert tied > 0 and calls == [(5, 0, tied), (5, 1, tied)]  # epochs count from 0
+    assert f"({tied:,} tied events reordered every epoch)" in capsys.readouterr().out

@@ -226,6 +226,10 @@ class TrainWindows:
         use_user_token: whether the model prepends a user token.
         windows_per_user: windows per user (the most recent first); ``None``: all of them, so
             every training event of every user is a target once per epoch.
+        shuffle_ties: training events of one user with the same timestamp have no known order
+            (MovieLens logs half of its events in the same second as the previous one; the
+            file order decides): :meth:`set_epoch` gives each such group a new random order
+            every epoch instead of the file's. Validation and test events never move.
     """
 
     def __init__(
@@ -234,10 +238,13 @@ class TrainWindows:
         max_seq_len: int,
         use_user_token: bool = True,
         windows_per_user: int | None = 1,
+        shuffle_ties: bool = False,
     ) -> None:
         self.max_seq_len = int(max_seq_len)
         self.use_user_token = bool(use_user_token)
-        self.items = np.asarray(data.items)
+        self.file_items = np.asarray(data.items)
+        self.items = self.file_items
+        self.tied = _tied_training_events(data) if shuffle_ties else None
         starts = np.asarray(data.offsets)[:-1].astype(np.int64)
         ends = starts + data.train_lengths
         # A user needs one training event with the user token (it predicts it from the user
@@ -267,6 +274,23 @@ class TrainWindows:
         return len(self.users)
 
     @property
+    def num_tied_events(self) -> int:
+        """Training events whose order :meth:`set_epoch` shuffles (0 without ``shuffle_ties``)."""
+        return 0 if self.tied is None else len(self.tied[0])
+
+    def set_epoch(self, seed: int, epoch: int) -> None:
+        """Give every group of tied training events the order of epoch ``epoch``: a function of
+        (seed, epoch) only, so a resumed run, and every process, sees the same order."""
+        if not self.num_tied_events:
+            return
+        positions, groups = self.tied
+        rng = np.random.default_rng([seed, epoch, 0x71E5])
+        order = np.lexsort((rng.random(len(positions)), groups))  # groups stay in place
+        items = self.file_items.copy()
+        items[positions] = self.file_items[positions[order]]
+        self.items = items
+
+    @property
     def lengths(self) -> np.ndarray:
         """Events in each example's window (input items + 1)."""
         return self.window_ends - self.window_starts
@@ -294,6 +318,21 @@ class TrainWindows:
         item_seq = item_seq[:, : max(1, longest - 1)]
         targets = targets[:, : item_seq.shape[1] + (1 if self.use_user_token else 0)]
         return {"user_ids": self.users[indices].copy(), "item_seq": item_seq, "targets": targets}
+
+
+def _tied_training_events(data: ProcessedData) -> tuple[np.ndarray, np.ndarray]:
+    """Flat positions of the training events that share their user and timestamp with another
+    training event, and the id of each one's group (groups are contiguous runs)."""
+    timestamps = np.asarray(data.timestamps)
+    train = np.asarray(data.split_labels) <= data._train_max_label
+    starts = np.asarray(data.offsets)[:-1]
+    new_group = np.ones(len(timestamps), dtype=bool)
+    new_group[1:] = (timestamps[1:] != timestamps[:-1]) | (train[1:] != train[:-1])
+    new_group[starts[starts < len(timestamps)]] = True
+    groups = np.cumsum(new_group) - 1
+    sizes = np.bincount(groups)
+    positions = np.flatnonzero(train & (sizes[groups] > 1))
+    return positions, groups[positions]
 
 
 def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:

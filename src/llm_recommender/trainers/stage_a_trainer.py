@@ -213,6 +213,7 @@ class StageATrainer:
             config.model.max_seq_len,
             config.model.use_user_token,
             config.stage_a.windows_per_user,
+            shuffle_ties=config.stage_a.shuffle_tied_events,
         )
         self.global_batch = config.stage_a.batch_size * self.world
         targets_per_window = self.windows.lengths - (0 if config.model.use_user_token else 1)  # (windows,)
@@ -585,6 +586,7 @@ class StageATrainer:
         cfg = self.config.stage_a
         accumulation = cfg.gradient_accumulation_steps
         micro = self._micro_batches(epoch)
+        self.windows.set_epoch(cfg.seed, epoch)
         totals = {term: 0.0 for term in LOSS_TERMS}
         window = {term: 0.0 for term in LOSS_TERMS}
         counted = window_count = 0
@@ -818,8 +820,10 @@ class StageATrainer:
 
         counts = count_parameters(self.model)
         info = getattr(self.model, "backbone_info", {})
+        tied = self.windows.num_tied_events
         print(
-            f"train: {self.data.num_users} users, {self.data.num_items} items, {len(self.windows)} windows; "
+            f"train: {self.data.num_users} users, {self.data.num_items} items, {len(self.windows)} windows"
+            f"{f' ({tied:,} tied events reordered every epoch)' if tied else ''}; "
             f"backbone {info.get('family', '?')} ({info.get('source', '?')}, {self.config.model.finetune_mode}); "
             f"parameters {counts['total']:,} ({counts['trainable']:,} trainable); "
             f"{self.steps_per_epoch} steps/epoch x {self.config.stage_a.epochs} epochs, "
