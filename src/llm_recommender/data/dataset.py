@@ -102,11 +102,15 @@ class ProcessedData:
         return np.diff(np.asarray(self.offsets)).astype(np.int64)
 
     @cached_property
+    def train_mask(self) -> np.ndarray:
+        """True for every training event, flat (validation events too in a ``train_through="valid"`` view)."""
+        return np.asarray(self.split_labels) <= self._train_max_label
+
+    @cached_property
     def train_lengths(self) -> np.ndarray:
         """Training events per user (a prefix of each user's sequence; validation events too
         in a ``train_through="valid"`` view)."""
-        is_train = (np.asarray(self.split_labels) <= self._train_max_label).astype(np.int64)
-        cumulative = np.concatenate([[0], np.cumsum(is_train)])
+        cumulative = np.concatenate([[0], np.cumsum(self.train_mask, dtype=np.int64)])
         offsets = np.asarray(self.offsets)
         return cumulative[offsets[1:]] - cumulative[offsets[:-1]]
 
@@ -243,8 +247,9 @@ class TrainWindows:
         self.max_seq_len = int(max_seq_len)
         self.use_user_token = bool(use_user_token)
         self.file_items = np.asarray(data.items)
-        self.items = self.file_items
         self.tied = _tied_training_events(data) if shuffle_ties else None
+        # With ties, a private copy whose tied positions set_epoch rewrites in place.
+        self.items = self.file_items.copy() if self.num_tied_events else self.file_items
         starts = np.asarray(data.offsets)[:-1].astype(np.int64)
         ends = starts + data.train_lengths
         # A user needs one training event with the user token (it predicts it from the user
@@ -286,9 +291,7 @@ class TrainWindows:
         positions, groups = self.tied
         rng = np.random.default_rng([seed, epoch, 0x71E5])
         order = np.lexsort((rng.random(len(positions)), groups))  # groups stay in place
-        items = self.file_items.copy()
-        items[positions] = self.file_items[positions[order]]
-        self.items = items
+        self.items[positions] = self.file_items[positions[order]]
 
     @property
     def lengths(self) -> np.ndarray:
@@ -324,7 +327,7 @@ def _tied_training_events(data: ProcessedData) -> tuple[np.ndarray, np.ndarray]:
     """Flat positions of the training events that share their user and timestamp with another
     training event, and the id of each one's group (groups are contiguous runs)."""
     timestamps = np.asarray(data.timestamps)
-    train = np.asarray(data.split_labels) <= data._train_max_label
+    train = data.train_mask
     starts = np.asarray(data.offsets)[:-1]
     new_group = np.ones(len(timestamps), dtype=bool)
     new_group[1:] = (timestamps[1:] != timestamps[:-1]) | (train[1:] != train[:-1])
