@@ -106,6 +106,37 @@ def test_mlp_dropout_drops_hidden_units_in_training_only():
         _model_config("model.mlp_dropout=1.0")
 
 
+def test_normalised_mlp_residual_adds_the_mlp_onto_its_normalised_input():
+    """model.mlp_residual=normalised: each layer returns norm(h) + mlp(norm(h)) (SASRec's
+    feed-forward) instead of h + mlp(norm(h)), with the same weights and names, in a deep copy
+    (the trainer's evaluation replica) as well."""
+    import copy
+
+    import torch
+
+    for family, norm_name in (("gpt2", "ln_2"), ("HuggingFaceTB/SmolLM2-135M", "post_attention_layernorm")):
+        shape = ("model.random_init_stage_a_llm=true", f"model.base_llm={family}", *TINY, "model.dropout=0.0")
+        plain, _, _ = load_backbone(_model_config(*shape))
+        normalised, _, _ = load_backbone(_model_config(*shape, "model.mlp_residual=normalised"))
+        assert list(plain.state_dict()) == list(normalised.state_dict())
+        normalised.load_state_dict(plain.state_dict())
+        x = torch.randn(2, 4, plain.config.hidden_size)
+        for model in (normalised, copy.deepcopy(normalised)):
+            layers = getattr(model, "h", None) or model.layers
+            seen = {}
+            layers[0].get_submodule(norm_name).register_forward_pre_hook(lambda m, a: seen.update(stream=a[0]))
+            layers[0].register_forward_hook(lambda m, a, out: seen.update(out=out[0] if isinstance(out, tuple) else out))
+            with torch.no_grad():
+                model(inputs_embeds=x)
+                plain_layer = (getattr(plain, "h", None) or plain.layers)[0]
+                y = plain_layer.get_submodule(norm_name)(seen["stream"])
+                assert torch.allclose(seen["out"], y + plain_layer.mlp(y), atol=1e-5)
+                assert not torch.allclose(model(inputs_embeds=x).last_hidden_state,
+                                          plain(inputs_embeds=x).last_hidden_state)
+    with pytest.raises(ConfigError, match="model.mlp_residual"):
+        _model_config("model.mlp_residual=post")
+
+
 def test_unknown_hub_name_is_a_one_line_error_saying_how_to_get_it():
     model_config = _model_config("model.base_llm=nobody/not-a-model-xyz")
     with pytest.raises(ModelLoadError) as excinfo:

@@ -239,6 +239,11 @@ class ModelConfig:
     activation: Optional[str] = None
     """Random init only: the MLP activation (``gelu_new``, ``gelu``, ``relu``, ``silu``, ...;
     ``null``: the architecture's own)."""
+    mlp_residual: Literal["stream", "normalised"] = "stream"
+    """What each layer's MLP output is added to: ``stream`` (GPT-2, Llama, Qwen2: the residual
+    stream, ``h + mlp(norm(h))``) or ``normalised`` (SASRec's point-wise feed-forward:
+    ``norm(h) + mlp(norm(h))``, so every layer hands on a re-normalised stream). Same weights
+    and names either way."""
     soft_token_scale: float = 1.0
     """Fixed multiplier of the projected soft tokens (SASRec multiplies its item embeddings by
     sqrt(d)): how loudly an item's identity speaks next to the position embeddings."""

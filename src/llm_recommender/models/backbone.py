@@ -311,6 +311,44 @@ def _add_mlp_dropout(backbone: nn.Module, p: float) -> None:
         )
 
 
+class _NormalisedMlpResidual:
+    """Hooks that turn a pre-norm layer's ``h + mlp(norm(h))`` into ``norm(h) + mlp(norm(h))``.
+
+    A forward pre-hook on the layer's MLP norm keeps the stream ``h`` it reads; a forward hook
+    on the MLP adds ``norm(h) - h`` to its output, so the layer's own residual addition yields
+    SASRec's sum. Hooks leave the weights and their names as they are.
+    """
+
+    def __init__(self) -> None:
+        self.stream: torch.Tensor | None = None
+
+    def keep_stream(self, module: nn.Module, args: tuple) -> None:
+        self.stream = args[0]
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        stream, self.stream = self.stream, None
+        return output + (args[0] - stream)
+
+
+def _normalise_mlp_residual(backbone: nn.Module) -> None:
+    """``model.mlp_residual: normalised``: every layer's MLP adds onto its normalised input."""
+    layers = _decoder_layers(backbone)
+    hooked = 0
+    for layer in layers if layers is not None else []:
+        norm = next((getattr(layer, a) for a in ("ln_2", "post_attention_layernorm") if hasattr(layer, a)), None)
+        mlp = getattr(layer, "mlp", None)
+        if isinstance(norm, nn.Module) and isinstance(mlp, nn.Module):
+            hooks = _NormalisedMlpResidual()
+            norm.register_forward_pre_hook(hooks.keep_stream)
+            mlp.register_forward_hook(hooks)
+            hooked += 1
+    if not hooked:
+        raise ConfigError(
+            f"model.mlp_residual: no MLP norm (ln_2 / post_attention_layernorm) found in "
+            f"{type(backbone).__name__}'s layers (set it to stream)"
+        )
+
+
 def _apply_random_overrides(config, model_config: ModelConfig, max_tokens: int) -> None:
     """Reshape a config for random init: layers, width, heads, MLP width, dropout."""
     if model_config.num_layers is not None:
@@ -494,6 +532,8 @@ def load_backbone(model_config: ModelConfig) -> tuple[nn.Module, int, dict[str, 
     _replace_token_embedding(backbone, hidden_size, dtype)
     if model_config.mlp_dropout:
         _add_mlp_dropout(backbone, model_config.mlp_dropout)
+    if model_config.mlp_residual == "normalised":
+        _normalise_mlp_residual(backbone)
     backbone.eval()
     check_causal(backbone, model_config.base_llm)
     layers = _decoder_layers(backbone)
