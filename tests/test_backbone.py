@@ -137,6 +137,22 @@ def test_normalised_mlp_residual_adds_the_mlp_onto_its_normalised_input():
         _model_config("model.mlp_residual=post")
 
 
+def test_position_init_std_redraws_the_learned_position_table_only():
+    """model.position_init_std sets GPT-2's wpe rows apart from the rest of the init; a family
+    with rotary positions (Llama) has no table and says so."""
+    shape = ("model.random_init_stage_a_llm=true", "model.base_llm=gpt2", *TINY)
+    plain, _, _ = load_backbone(_model_config(*shape))
+    loud, _, _ = load_backbone(_model_config(*shape, "model.position_init_std=0.3"))
+    assert 0.25 < loud.wpe.weight.std().item() < 0.35
+    assert plain.wpe.weight.std().item() < 0.03
+    assert abs(loud.h[0].attn.c_attn.weight.std().item() - plain.h[0].attn.c_attn.weight.std().item()) < 0.005
+    with pytest.raises(ConfigError, match="model.position_init_std: llama has no learned position table"):
+        load_backbone(_model_config("model.random_init_stage_a_llm=true", "model.base_llm=HuggingFaceTB/SmolLM2-135M",
+                                    *TINY, "model.position_init_std=0.3"))
+    with pytest.raises(ConfigError, match="model.position_init_std"):
+        _model_config("model.position_init_std=0")
+
+
 def test_unknown_hub_name_is_a_one_line_error_saying_how_to_get_it():
     model_config = _model_config("model.base_llm=nobody/not-a-model-xyz")
     with pytest.raises(ModelLoadError) as excinfo:

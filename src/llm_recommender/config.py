@@ -236,6 +236,11 @@ class ModelConfig:
     initializer_range: Optional[float] = None
     """Random init only: std of the backbone's normal weight init (``null``: the
     architecture's own, 0.02 for GPT-2, Qwen2 and Llama)."""
+    position_init_std: Optional[float] = None
+    """Random init only: std of the normal init of the backbone's learned position table
+    (GPT-2's ``wpe``; ``null``: ``initializer_range``). SASRec's xavier-initialised positions
+    are as loud as its sqrt(d)-scaled items; GPT-2's 0.02 rows are a tenth of a soft token at
+    ``soft_token_scale`` sqrt(d). Families with rotary positions have no table to set."""
     activation: Optional[str] = None
     """Random init only: the MLP activation (``gelu_new``, ``gelu``, ``relu``, ``silu``, ...;
     ``null``: the architecture's own)."""
@@ -310,12 +315,9 @@ class ModelConfig:
                 self.num_heads,
                 f"must divide model.hidden_size={self.hidden_size}",
             )
-        _check(
-            self.initializer_range is None or self.initializer_range > 0,
-            "model.initializer_range",
-            self.initializer_range,
-            "must be > 0 or null",
-        )
+        for key in ("initializer_range", "position_init_std"):
+            value = getattr(self, key)
+            _check(value is None or value > 0, f"model.{key}", value, "must be > 0 or null")
         _check(self.soft_token_scale > 0, "model.soft_token_scale", self.soft_token_scale, "must be > 0")
         for key in ("dropout", "residual_dropout", "mlp_dropout", "embedding_dropout", "unknown_user_prob"):
             value = getattr(self, key)

@@ -349,6 +349,18 @@ def _normalise_mlp_residual(backbone: nn.Module) -> None:
         )
 
 
+def _init_position_table(backbone: nn.Module, std: float) -> None:
+    """``model.position_init_std``: re-draw the learned absolute position table."""
+    table = getattr(backbone, "wpe", None)
+    if not isinstance(table, nn.Embedding):
+        raise ConfigError(
+            f"model.position_init_std: {backbone.config.model_type} has no learned position table "
+            "(rotary or no positions; set it to null)"
+        )
+    with torch.no_grad():
+        nn.init.normal_(table.weight, std=std)
+
+
 def _apply_random_overrides(config, model_config: ModelConfig, max_tokens: int) -> None:
     """Reshape a config for random init: layers, width, heads, MLP width, dropout."""
     if model_config.num_layers is not None:
@@ -407,7 +419,7 @@ def _apply_random_overrides(config, model_config: ModelConfig, max_tokens: int) 
 
 
 def _check_pretrained_overrides(model_config: ModelConfig) -> None:
-    for key in ("hidden_size", "num_heads", "intermediate_size", "initializer_range", "activation"):
+    for key in ("hidden_size", "num_heads", "intermediate_size", "initializer_range", "position_init_std", "activation"):
         if getattr(model_config, key) is not None:
             raise ConfigError(
                 f"model.{key}={getattr(model_config, key)!r} applies to random_init_stage_a_llm: true only; "
@@ -476,6 +488,8 @@ def load_backbone(model_config: ModelConfig) -> tuple[nn.Module, int, dict[str, 
                 one_line(f"model.base_llm={model_config.base_llm!r}: cannot build a random model ({exc})")
             ) from None
         source = "random"
+        if model_config.position_init_std is not None:
+            _init_position_table(backbone, model_config.position_init_std)
     else:
         _check_pretrained_overrides(model_config)
         config = copy.deepcopy(_load_pretrained_config(model_config, kind, location, gguf_file))
