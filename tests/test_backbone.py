@@ -137,6 +137,48 @@ def test_normalised_mlp_residual_adds_the_mlp_onto_its_normalised_input():
         _model_config("model.mlp_residual=post")
 
 
+def test_stream_attention_kv_reads_keys_and_values_from_the_unnormalised_stream():
+    """model.attention_kv=stream: queries from norm(h), keys and values from h (SASRec's
+    attention), same weights and names; on a stream that is already normalised (so norm(h) = h
+    at init) the first layer is unchanged."""
+    import torch
+
+    for family, norm_name in (("gpt2", "ln_1"), ("HuggingFaceTB/SmolLM2-135M", "input_layernorm")):
+        shape = ("model.random_init_stage_a_llm=true", f"model.base_llm={family}", *TINY, "model.dropout=0.0")
+        plain, _, _ = load_backbone(_model_config(*shape))
+        stream, _, _ = load_backbone(_model_config(*shape, "model.attention_kv=stream"))
+        assert list(plain.state_dict()) == list(stream.state_dict())
+        stream.load_state_dict(plain.state_dict())
+        width = plain.config.hidden_size
+        layer0 = {}
+        for name, model in (("plain", plain), ("stream", stream)):
+            layers = getattr(model, "h", None) or model.layers
+            layers[0].get_submodule(norm_name).register_forward_pre_hook(
+                lambda m, a, name=name: layer0.update({name + "_in": a[0]}))
+            layers[0].register_forward_hook(
+                lambda m, a, out, name=name: layer0.update({name: out[0] if isinstance(out, tuple) else out}))
+            attn = getattr(layers[0], "attn", None) or layers[0].self_attn
+            key_proj = attn.c_attn if hasattr(attn, "c_attn") else attn.k_proj
+            key_proj.register_forward_hook(lambda m, a, out, name=name: layer0.update({name + "_k": out}))
+        normalised = torch.nn.functional.layer_norm(torch.randn(2, 4, width, generator=torch.Generator().manual_seed(0)), (width,))
+        with torch.no_grad():
+            for x, same in ((normalised, True), (3 * normalised + 1, False)):
+                plain(inputs_embeds=x)
+                stream(inputs_embeds=x)
+                assert torch.allclose(layer0["plain"], layer0["stream"], atol=2e-3) == same  # norm eps: ~1e-4
+                if family == "gpt2":
+                    attn = stream.h[0].attn
+                    keys = layer0["stream_k"][..., width:2 * width]
+                    expected = layer0["stream_in"] @ attn.c_attn.weight[:, width:2 * width] + attn.c_attn.bias[width:2 * width]
+                else:
+                    keys = layer0["stream_k"]
+                    k_proj = stream.layers[0].self_attn.k_proj
+                    expected = torch.nn.functional.linear(layer0["stream_in"], k_proj.weight, k_proj.bias)
+                assert torch.allclose(keys, expected, atol=1e-5)
+    with pytest.raises(ConfigError, match="model.attention_kv"):
+        _model_config("model.attention_kv=raw")
+
+
 def test_position_init_std_redraws_the_learned_position_table_only():
     """model.position_init_std sets GPT-2's wpe rows apart from the rest of the init; a family
     with rotary positions (Llama) has no table and says so."""

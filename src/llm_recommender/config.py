@@ -244,6 +244,10 @@ class ModelConfig:
     activation: Optional[str] = None
     """Random init only: the MLP activation (``gelu_new``, ``gelu``, ``relu``, ``silu``, ...;
     ``null``: the architecture's own)."""
+    attention_kv: Literal["normalised", "stream"] = "normalised"
+    """What each layer's attention reads its keys and values from: ``normalised`` (GPT-2,
+    Llama, Qwen2: ``norm(h)``, as the queries) or ``stream`` (SASRec: queries from ``norm(h)``,
+    keys and values from the un-normalised ``h``). Same weights and names either way."""
     mlp_residual: Literal["stream", "normalised"] = "stream"
     """What each layer's MLP output is added to: ``stream`` (GPT-2, Llama, Qwen2: the residual
     stream, ``h + mlp(norm(h))``) or ``normalised`` (SASRec's point-wise feed-forward:

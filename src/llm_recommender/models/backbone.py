@@ -349,6 +349,58 @@ def _normalise_mlp_residual(backbone: nn.Module) -> None:
         )
 
 
+class _StreamKeysValues:
+    """Hooks that make a pre-norm layer's attention read its keys and values from the stream.
+
+    A forward pre-hook on the attention norm keeps the stream ``h``; forward hooks on the key
+    and value projections (Llama's ``k_proj``/``v_proj``, or the K and V thirds of GPT-2's fused
+    ``c_attn``) replace their output by the same map of ``h``: the queries still read
+    ``norm(h)``. Weights and names are unchanged.
+    """
+
+    def __init__(self) -> None:
+        self.stream: torch.Tensor | None = None
+
+    def keep_stream(self, module: nn.Module, args: tuple) -> None:
+        self.stream = args[0]
+
+    def linear(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(self.stream, module.weight, module.bias)
+
+    def fused_qkv(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        # transformers' Conv1D: y = x @ W + b, W of shape (in, 3 * width), columns [Q | K | V].
+        width = output.shape[-1] // 3
+        kv = self.stream @ module.weight[:, width:] + module.bias[width:]
+        return torch.cat([output[..., :width], kv], dim=-1)
+
+
+def _stream_keys_values(backbone: nn.Module) -> None:
+    """``model.attention_kv: stream``: keys and values from ``h``, queries from ``norm(h)``."""
+    layers = _decoder_layers(backbone)
+    hooked = 0
+    for layer in layers if layers is not None else []:
+        norm = next((getattr(layer, a) for a in ("ln_1", "input_layernorm") if hasattr(layer, a)), None)
+        attn = getattr(layer, "attn", None) or getattr(layer, "self_attn", None)
+        if not isinstance(norm, nn.Module) or attn is None:
+            continue
+        hooks = _StreamKeysValues()
+        if hasattr(attn, "c_attn") and not getattr(attn, "is_cross_attention", False):
+            targets = [(attn.c_attn, hooks.fused_qkv)]
+        elif isinstance(getattr(attn, "k_proj", None), nn.Linear) and isinstance(getattr(attn, "v_proj", None), nn.Linear):
+            targets = [(attn.k_proj, hooks.linear), (attn.v_proj, hooks.linear)]
+        else:
+            continue
+        norm.register_forward_pre_hook(hooks.keep_stream)
+        for module, hook in targets:
+            module.register_forward_hook(hook)
+        hooked += 1
+    if not hooked:
+        raise ConfigError(
+            f"model.attention_kv: no attention norm and key/value projections found in "
+            f"{type(backbone).__name__}'s layers (set it to normalised)"
+        )
+
+
 def _init_position_table(backbone: nn.Module, std: float) -> None:
     """``model.position_init_std``: re-draw the learned absolute position table."""
     table = getattr(backbone, "wpe", None)
@@ -548,6 +600,8 @@ def load_backbone(model_config: ModelConfig) -> tuple[nn.Module, int, dict[str, 
         _add_mlp_dropout(backbone, model_config.mlp_dropout)
     if model_config.mlp_residual == "normalised":
         _normalise_mlp_residual(backbone)
+    if model_config.attention_kv == "stream":
+        _stream_keys_values(backbone)
     backbone.eval()
     check_causal(backbone, model_config.base_llm)
     layers = _decoder_layers(backbone)
