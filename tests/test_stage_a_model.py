@@ -371,6 +371,19 @@ def test_a_tied_output_projection_scores_with_the_input_projection():
     assert model.embeddings.item_proj.weight.grad.abs().sum() > 0
 
 
+def test_frozen_projections_leave_the_learning_to_the_id_tables():
+    """model.freeze_projections: no projection gets a gradient; the item table and the backbone do."""
+    torch.manual_seed(0)
+    model = build_model(_config(*RANDOM_TINY["gpt2"], "model.tie_output_projection=true",
+                                "model.freeze_projections=true"), NUM_USERS, NUM_ITEMS)
+    model.train()
+    model.calculate_loss(make_batch(torch.Generator().manual_seed(0)))["loss"].backward()
+    for proj in (model.embeddings.item_proj, model.embeddings.user_proj, model.out_proj):
+        assert all(p.grad is None and not p.requires_grad for p in proj.parameters())
+    assert model.embeddings.item_embeddings.weight.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())
+
+
 @pytest.mark.parametrize("use_user_token", [True, False])
 def test_attend_padding_is_a_left_padded_window_with_visible_padding(use_user_token):
     """model.attend_padding (SASRec's window): the same states whatever the input's padding,

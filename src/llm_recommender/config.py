@@ -260,6 +260,10 @@ class ModelConfig:
     """Init of the projections around the backbone (``item_proj``, ``user_proj``, ``out_proj``):
     ``default`` is torch's Linear init with a random bias; ``orthogonal`` keeps the ID
     vectors' geometry (norms and angles) through the projections, biases 0."""
+    freeze_projections: bool = False
+    """Keep ``item_proj``, ``user_proj`` and ``out_proj`` at their init: the ID tables alone
+    learn the item and user representations (with ``projection_init: orthogonal`` and
+    ``embedding_dim`` = the backbone width, SASRec's single item table, rotated)."""
     tie_output_projection: bool = False
     """Score with the input projection's transpose instead of a separate ``out_proj``: the
     state is compared with each item's projected row (without the token scale and the shared bias,

@@ -396,6 +396,9 @@ class StageAModel(nn.Module):
         # trainer after training, or by load_checkpoint; not an nn.Module state (no gradient).
         self.item_knn = None
         self.item_knn_weight = 0.0
+        if model_config.freeze_projections:
+            for proj in (self.embeddings.item_proj, self.embeddings.user_proj, self.out_proj):
+                proj.requires_grad_(False)
         self._freeze_unused(config)
         self.train()
 
