@@ -21,7 +21,7 @@ from llm_recommender.checkpoint import load_checkpoint
 from llm_recommender.cli import main as cli_main
 from llm_recommender.config import load_config
 from llm_recommender.data.dataset import ProcessedData
-from llm_recommender.errors import CheckpointError, TrainingError
+from llm_recommender.errors import CheckpointError, ConfigError, TrainingError
 from llm_recommender.evaluation.baselines import PopularityBaseline
 from llm_recommender.evaluation.evaluator import evaluate
 from llm_recommender.trainers.stage_a_trainer import train_stage_a
@@ -494,6 +494,42 @@ def test_tied_training_events_are_reordered_every_epoch_and_nothing_else_moves(t
     plain = TrainWindows(data, max_seq_len=10, use_user_token=False, windows_per_user=None)
     plain.set_epoch(7, 3)
     assert plain.num_tied_events == 0 and plain.items.tolist() == file_order
+
+
+def test_item_deletion_keeps_order_and_the_last_target_and_repeats_per_epoch(tmp_path):
+    """stage_a.item_deletion_prob: each row is its window with events deleted (never the last,
+    always one input left), in the original order; the same (seed, epoch, batch) deletes the
+    same events (a resumed run), another epoch others; the expected target count follows p."""
+    from llm_recommender.data.dataset import TrainWindows
+
+    from processed_helpers import write_processed
+
+    folder = tmp_path / "del"
+    histories = [list(range(1 + 20 * u, 1 + 20 * u + n)) for u, n in enumerate([20, 12, 4, 3])]
+    write_processed(folder, histories)
+    data = ProcessedData(folder)
+    plain = TrainWindows(data, max_seq_len=30, use_user_token=False, windows_per_user=None)
+    windows = TrainWindows(data, max_seq_len=30, use_user_token=False, windows_per_user=None, deletion_prob=0.5)
+    rows = np.arange(len(windows))
+    full = plain.batch(rows)
+    seen, kept = set(), []
+    for epoch in range(6):
+        windows.set_epoch(3, epoch)
+        batch = windows.batch(rows)
+        again = TrainWindows(data, 30, False, None, deletion_prob=0.5)
+        again.set_epoch(3, epoch)
+        assert all(np.array_equal(batch[k], again.batch(rows)[k]) for k in batch)
+        for r in rows:
+            original = [i for i in np.concatenate([full["item_seq"][r][:1], full["targets"][r]]) if i]
+            row = [i for i in np.concatenate([batch["item_seq"][r][:1], batch["targets"][r]]) if i]
+            assert row[-1] == original[-1] and len(row) >= 2  # the last target stays, one input too
+            assert row == [i for i in original if i in set(row)]  # a subsequence, in order
+            kept.append((len(row) - 1) / (len(original) - 1))
+        seen.add(tuple(batch["targets"][0]))
+    assert len(seen) > 3 and 0.4 < np.mean(kept) < 0.75
+    assert np.allclose(windows.expected_targets, (plain.lengths - 1) * 0.5)
+    with pytest.raises(ConfigError, match="stage_a.item_deletion_prob"):
+        _config("stage_a.item_deletion_prob=1.0")
 
 
 def test_the_trainer_reorders_tied_events_at_every_epoch(tiny_data, tmp_path, monkeypatch, capsys):

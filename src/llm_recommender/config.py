@@ -534,6 +534,10 @@ class StageAConfig:
     with coarse timestamps have many: MovieLens-100k records 51% of its events in the same
     second as the previous one, Amazon reviews carry a date. No effect on data without ties
     (Beauty's sequence file); validation and test events never move."""
+    item_deletion_prob: float = 0.0
+    """Data augmentation: each training event of a window but its last is deleted with this
+    probability, anew every epoch, and the rest close up (a shorter history in the same
+    order). Validation and test histories are never touched."""
     last_batch: Literal["drop", "fill"] = "drop"
     """The epoch's last, partial batch: ``drop`` skips those examples (a different remainder
     every epoch); ``fill`` completes the batch with examples from the start of the epoch's
@@ -594,6 +598,9 @@ class StageAConfig:
             "must be > 0 or null",
         )
         _check(0 <= self.warmup_ratio < 1, "stage_a.warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
+        _check(
+            0 <= self.item_deletion_prob < 1, "stage_a.item_deletion_prob", self.item_deletion_prob, "must be in [0, 1)"
+        )
         _check(0 <= self.min_lr_ratio <= 1, "stage_a.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         _check(self.lr_decay_patience >= 0, "stage_a.lr_decay_patience", self.lr_decay_patience, "must be >= 0")
         _check(0 < self.lr_decay_factor < 1, "stage_a.lr_decay_factor", self.lr_decay_factor, "must be in (0, 1)")

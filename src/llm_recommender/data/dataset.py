@@ -234,6 +234,10 @@ class TrainWindows:
             (MovieLens logs half of its events in the same second as the previous one; the
             file order decides): :meth:`set_epoch` gives each such group a new random order
             every epoch instead of the file's. Validation and test events never move.
+        deletion_prob: data augmentation: each event of a window but its last is deleted with
+            this probability, anew in every epoch (:meth:`set_epoch`) and batch, and the rest
+            close up: a shorter history of the same user in the same order. One input always
+            stays, so every example keeps a target.
     """
 
     def __init__(
@@ -243,9 +247,12 @@ class TrainWindows:
         use_user_token: bool = True,
         windows_per_user: int | None = 1,
         shuffle_ties: bool = False,
+        deletion_prob: float = 0.0,
     ) -> None:
         self.max_seq_len = int(max_seq_len)
         self.use_user_token = bool(use_user_token)
+        self.deletion_prob = float(deletion_prob)
+        self.epoch_seed: tuple[int, int] = (0, 0)
         self.file_items = np.asarray(data.items)
         self.tied = _tied_training_events(data) if shuffle_ties else None
         # With ties, a private copy whose tied positions set_epoch rewrites in place.
@@ -286,6 +293,7 @@ class TrainWindows:
     def set_epoch(self, seed: int, epoch: int) -> None:
         """Give every group of tied training events the order of epoch ``epoch``: a function of
         (seed, epoch) only, so a resumed run, and every process, sees the same order."""
+        self.epoch_seed = (int(seed), int(epoch))
         if not self.num_tied_events:
             return
         positions, groups = self.tied
@@ -295,8 +303,27 @@ class TrainWindows:
 
     @property
     def lengths(self) -> np.ndarray:
-        """Events in each example's window (input items + 1)."""
+        """Events in each example's window (input items + 1), before any deletion."""
         return self.window_ends - self.window_starts
+
+    @property
+    def expected_targets(self) -> np.ndarray:
+        """Expected target positions of each example, deletions included."""
+        inputs = (self.lengths - 1) * (1.0 - self.deletion_prob)
+        return inputs + (1.0 if self.use_user_token else 0.0)
+
+    def _delete_events(self, indices: np.ndarray, window: np.ndarray, length: np.ndarray):
+        """Delete each event but the last of every row with ``deletion_prob``; close up."""
+        # One generator per (seed, epoch, batch): a resumed epoch deletes what the first run did.
+        rng = np.random.default_rng([*self.epoch_seed, 0xDE1E7E, int(indices[0]), len(indices)])
+        column = np.arange(window.shape[1])[None, :]
+        keep = (rng.random(window.shape) >= self.deletion_prob) | (column == (length - 1)[:, None])
+        keep &= column < length[:, None]
+        no_input = keep.sum(axis=1) < 2
+        keep[no_input, np.maximum(length[no_input] - 2, 0)] = True  # the event before the last
+        order = np.argsort(~keep, axis=1, kind="stable")  # kept events first, in order
+        window = np.where(np.sort(~keep, axis=1), 0, np.take_along_axis(window, order, axis=1))
+        return window, np.minimum(keep.sum(axis=1), length)
 
     def batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         """Build one right-padded batch of examples ``indices`` (numpy, vectorised).
@@ -312,6 +339,8 @@ class TrainWindows:
         column = np.arange(span)[None, :]  # (1, span)
         gather = np.minimum(start[:, None] + column, len(self.items) - 1)  # (B, span)
         window = np.where(column < length[:, None], self.items[gather], 0).astype(np.int64)
+        if self.deletion_prob > 0:
+            window, length = self._delete_events(indices, window, length)
         # item_seq: w_1..w_{n-1}; position n-1 (the last item) is never an input.
         item_seq = np.where(column[:, :-1] < (length - 1)[:, None], window[:, :-1], 0)
         targets = window if self.use_user_token else window[:, 1:]

@@ -214,9 +214,10 @@ class StageATrainer:
             config.model.use_user_token,
             config.stage_a.windows_per_user,
             shuffle_ties=config.stage_a.shuffle_tied_events,
+            deletion_prob=config.stage_a.item_deletion_prob,
         )
         self.global_batch = config.stage_a.batch_size * self.world
-        targets_per_window = self.windows.lengths - (0 if config.model.use_user_token else 1)  # (windows,)
+        targets_per_window = self.windows.expected_targets  # (windows,)
         # stage_a.loss_average=epoch: a global batch's expected number of target positions.
         self.positions_per_batch = float(targets_per_window.mean()) * self.global_batch
         self.batches_per_epoch = num_batches(len(self.windows), self.global_batch, config.stage_a.last_batch == "fill")
