@@ -81,18 +81,24 @@ def test_residual_dropout_sets_only_the_sublayer_output_dropout():
         _model_config("model.residual_dropout=1.5")
 
 
+def _twin_backbones(family: str, *changes: str):
+    """A tiny random backbone of ``family`` and one built with ``changes`` carrying the same
+    weights (the parameter names must not change)."""
+    shape = ("model.random_init_stage_a_llm=true", f"model.base_llm={family}", *TINY, "model.dropout=0.0")
+    plain, _, _ = load_backbone(_model_config(*shape))
+    changed, _, _ = load_backbone(_model_config(*shape, *changes))
+    assert list(plain.state_dict()) == list(changed.state_dict())
+    changed.load_state_dict(plain.state_dict())
+    return plain, changed
+
+
 def test_mlp_dropout_drops_hidden_units_in_training_only():
     """model.mlp_dropout wraps every layer's MLP activation (GPT-2 ``act``, Llama ``act_fn``):
     same weights and names, a different output in training, the plain MLP in eval."""
     import torch
 
     for family in ("gpt2", "HuggingFaceTB/SmolLM2-135M"):
-        plain, _, _ = load_backbone(_model_config("model.random_init_stage_a_llm=true", f"model.base_llm={family}",
-                                                  *TINY, "model.dropout=0.0"))
-        dropped, _, _ = load_backbone(_model_config("model.random_init_stage_a_llm=true", f"model.base_llm={family}",
-                                                    *TINY, "model.dropout=0.0", "model.mlp_dropout=0.5"))
-        assert list(plain.state_dict()) == list(dropped.state_dict())
-        dropped.load_state_dict(plain.state_dict())
+        plain, dropped = _twin_backbones(family, "model.mlp_dropout=0.5")
         layers = getattr(dropped, "h", None) or dropped.layers
         act = getattr(layers[0].mlp, "act", None) or layers[0].mlp.act_fn
         assert isinstance(act[1], torch.nn.Dropout) and act[1].p == 0.5
@@ -115,11 +121,7 @@ def test_normalised_mlp_residual_adds_the_mlp_onto_its_normalised_input():
     import torch
 
     for family, norm_name in (("gpt2", "ln_2"), ("HuggingFaceTB/SmolLM2-135M", "post_attention_layernorm")):
-        shape = ("model.random_init_stage_a_llm=true", f"model.base_llm={family}", *TINY, "model.dropout=0.0")
-        plain, _, _ = load_backbone(_model_config(*shape))
-        normalised, _, _ = load_backbone(_model_config(*shape, "model.mlp_residual=normalised"))
-        assert list(plain.state_dict()) == list(normalised.state_dict())
-        normalised.load_state_dict(plain.state_dict())
+        plain, normalised = _twin_backbones(family, "model.mlp_residual=normalised")
         x = torch.randn(2, 4, plain.config.hidden_size)
         for model in (normalised, copy.deepcopy(normalised)):
             layers = getattr(model, "h", None) or model.layers
@@ -144,11 +146,7 @@ def test_stream_attention_kv_reads_keys_and_values_from_the_unnormalised_stream(
     import torch
 
     for family, norm_name in (("gpt2", "ln_1"), ("HuggingFaceTB/SmolLM2-135M", "input_layernorm")):
-        shape = ("model.random_init_stage_a_llm=true", f"model.base_llm={family}", *TINY, "model.dropout=0.0")
-        plain, _, _ = load_backbone(_model_config(*shape))
-        stream, _, _ = load_backbone(_model_config(*shape, "model.attention_kv=stream"))
-        assert list(plain.state_dict()) == list(stream.state_dict())
-        stream.load_state_dict(plain.state_dict())
+        plain, stream = _twin_backbones(family, "model.attention_kv=stream")
         width = plain.config.hidden_size
         layer0 = {}
         for name, model in (("plain", plain), ("stream", stream)):
