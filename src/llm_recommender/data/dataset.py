@@ -291,8 +291,9 @@ class TrainWindows:
         return 0 if self.tied is None else len(self.tied[0])
 
     def set_epoch(self, seed: int, epoch: int) -> None:
-        """Give every group of tied training events the order of epoch ``epoch``: a function of
-        (seed, epoch) only, so a resumed run, and every process, sees the same order."""
+        """Enter epoch ``epoch``: every group of tied training events gets that epoch's order
+        and deletions (``deletion_prob``) that epoch's draws, functions of (seed, epoch) and the
+        batch only, so a resumed run, and every process, sees the same data."""
         self.epoch_seed = (int(seed), int(epoch))
         if not self.num_tied_events:
             return
@@ -323,7 +324,7 @@ class TrainWindows:
         keep[no_input, np.maximum(length[no_input] - 2, 0)] = True  # the event before the last
         order = np.argsort(~keep, axis=1, kind="stable")  # kept events first, in order
         window = np.where(np.sort(~keep, axis=1), 0, np.take_along_axis(window, order, axis=1))
-        return window, np.minimum(keep.sum(axis=1), length)
+        return window, keep.sum(axis=1)
 
     def batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         """Build one right-padded batch of examples ``indices`` (numpy, vectorised).
