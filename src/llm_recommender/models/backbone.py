@@ -288,6 +288,22 @@ def _set_residual_dropout(config, model_config: ModelConfig) -> None:
         setattr(config, attr, p)
 
 
+def _first_attr(obj: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
+    """The first of ``names`` that ``obj`` has as a submodule (family-specific names)."""
+    return next((getattr(obj, n) for n in names if isinstance(getattr(obj, n, None), nn.Module)), None)
+
+
+def _change_every_layer(backbone: nn.Module, setting: str, change, missing: str, default: str) -> None:
+    """Apply ``change(layer) -> bool`` to every decoder layer; a ConfigError naming
+    ``setting`` and its ``default`` when no layer has what it changes (``missing``)."""
+    layers = _decoder_layers(backbone)
+    changed = sum(bool(change(layer)) for layer in (layers if layers is not None else []))
+    if not changed:
+        raise ConfigError(
+            f"{setting}: no {missing} found in {type(backbone).__name__}'s layers (set it to {default})"
+        )
+
+
 def _add_mlp_dropout(backbone: nn.Module, p: float) -> None:
     """Dropout after the MLP activation of every decoder layer (``model.mlp_dropout``).
 
@@ -295,74 +311,45 @@ def _add_mlp_dropout(backbone: nn.Module, p: float) -> None:
     checkpoint loads either way. A gated MLP (Llama, Qwen2: ``down(act(gate(x)) * up(x))``)
     drops the same hidden units as dropping after the product would.
     """
-    layers = _decoder_layers(backbone)
-    wrapped = 0
-    for layer in layers if layers is not None else []:
+
+    def change(layer: nn.Module) -> bool:
         mlp = getattr(layer, "mlp", None)
         for attr in ("act", "act_fn"):
             act = getattr(mlp, attr, None) if mlp is not None else None
             if isinstance(act, nn.Module):
                 setattr(mlp, attr, nn.Sequential(act, nn.Dropout(p)))
-                wrapped += 1
-                break
-    if not wrapped:
-        raise ConfigError(
-            f"model.mlp_dropout: no MLP activation found in {type(backbone).__name__}'s layers (set it to null)"
-        )
+                return True
+        return False
+
+    _change_every_layer(backbone, "model.mlp_dropout", change, "MLP activation", "null")
 
 
-class _NormalisedMlpResidual:
-    """Hooks that turn a pre-norm layer's ``h + mlp(norm(h))`` into ``norm(h) + mlp(norm(h))``.
-
-    A forward pre-hook on the layer's MLP norm keeps the stream ``h`` it reads; a forward hook
-    on the MLP adds ``norm(h) - h`` to its output, so the layer's own residual addition yields
-    SASRec's sum. Hooks leave the weights and their names as they are.
-    """
+class _StreamHooks:
+    """Hooks around one layer that read the residual stream ``h``: a forward pre-hook on the
+    layer's norm keeps the ``h`` it is given, for hooks later in the layer. Hooks leave the
+    weights and their names as they are."""
 
     def __init__(self) -> None:
         self.stream: torch.Tensor | None = None
 
     def keep_stream(self, module: nn.Module, args: tuple) -> None:
         self.stream = args[0]
+
+
+class _NormalisedMlpResidual(_StreamHooks):
+    """Turns a pre-norm layer's ``h + mlp(norm(h))`` into ``norm(h) + mlp(norm(h))``: a hook
+    on the MLP adds ``norm(h) - h`` to its output, so the layer's own residual addition yields
+    SASRec's sum."""
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        stream, self.stream = self.stream, None
-        return output + (args[0] - stream)
+        return output + (args[0] - self.stream)
 
 
-def _normalise_mlp_residual(backbone: nn.Module) -> None:
-    """``model.mlp_residual: normalised``: every layer's MLP adds onto its normalised input."""
-    layers = _decoder_layers(backbone)
-    hooked = 0
-    for layer in layers if layers is not None else []:
-        norm = next((getattr(layer, a) for a in ("ln_2", "post_attention_layernorm") if hasattr(layer, a)), None)
-        mlp = getattr(layer, "mlp", None)
-        if isinstance(norm, nn.Module) and isinstance(mlp, nn.Module):
-            hooks = _NormalisedMlpResidual()
-            norm.register_forward_pre_hook(hooks.keep_stream)
-            mlp.register_forward_hook(hooks)
-            hooked += 1
-    if not hooked:
-        raise ConfigError(
-            f"model.mlp_residual: no MLP norm (ln_2 / post_attention_layernorm) found in "
-            f"{type(backbone).__name__}'s layers (set it to stream)"
-        )
-
-
-class _StreamKeysValues:
-    """Hooks that make a pre-norm layer's attention read its keys and values from the stream.
-
-    A forward pre-hook on the attention norm keeps the stream ``h``; forward hooks on the key
+class _StreamKeysValues(_StreamHooks):
+    """Makes a pre-norm layer's attention read its keys and values from ``h``: hooks on the key
     and value projections (Llama's ``k_proj``/``v_proj``, or the K and V thirds of GPT-2's fused
-    ``c_attn``) replace their output by the same map of ``h``: the queries still read
-    ``norm(h)``. Weights and names are unchanged.
-    """
-
-    def __init__(self) -> None:
-        self.stream: torch.Tensor | None = None
-
-    def keep_stream(self, module: nn.Module, args: tuple) -> None:
-        self.stream = args[0]
+    ``c_attn``) replace their output by the same map of ``h``; the queries still read
+    ``norm(h)``."""
 
     def linear(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(self.stream, module.weight, module.bias)
@@ -374,31 +361,43 @@ class _StreamKeysValues:
         return torch.cat([output[..., :width], kv], dim=-1)
 
 
+def _normalise_mlp_residual(backbone: nn.Module) -> None:
+    """``model.mlp_residual: normalised``: every layer's MLP adds onto its normalised input."""
+
+    def change(layer: nn.Module) -> bool:
+        norm = _first_attr(layer, ("ln_2", "post_attention_layernorm"))
+        mlp = _first_attr(layer, ("mlp",))
+        if norm is None or mlp is None:
+            return False
+        hooks = _NormalisedMlpResidual()
+        norm.register_forward_pre_hook(hooks.keep_stream)
+        mlp.register_forward_hook(hooks)
+        return True
+
+    _change_every_layer(backbone, "model.mlp_residual", change, "MLP norm (ln_2 / post_attention_layernorm)", "stream")
+
+
 def _stream_keys_values(backbone: nn.Module) -> None:
     """``model.attention_kv: stream``: keys and values from ``h``, queries from ``norm(h)``."""
-    layers = _decoder_layers(backbone)
-    hooked = 0
-    for layer in layers if layers is not None else []:
-        norm = next((getattr(layer, a) for a in ("ln_1", "input_layernorm") if hasattr(layer, a)), None)
-        attn = getattr(layer, "attn", None) or getattr(layer, "self_attn", None)
-        if not isinstance(norm, nn.Module) or attn is None:
-            continue
+
+    def change(layer: nn.Module) -> bool:
+        norm = _first_attr(layer, ("ln_1", "input_layernorm"))
+        attn = _first_attr(layer, ("attn", "self_attn"))
+        if norm is None or attn is None:
+            return False
         hooks = _StreamKeysValues()
         if hasattr(attn, "c_attn") and not getattr(attn, "is_cross_attention", False):
             targets = [(attn.c_attn, hooks.fused_qkv)]
-        elif isinstance(getattr(attn, "k_proj", None), nn.Linear) and isinstance(getattr(attn, "v_proj", None), nn.Linear):
+        elif all(isinstance(getattr(attn, n, None), nn.Linear) for n in ("k_proj", "v_proj")):
             targets = [(attn.k_proj, hooks.linear), (attn.v_proj, hooks.linear)]
         else:
-            continue
+            return False
         norm.register_forward_pre_hook(hooks.keep_stream)
         for module, hook in targets:
             module.register_forward_hook(hook)
-        hooked += 1
-    if not hooked:
-        raise ConfigError(
-            f"model.attention_kv: no attention norm and key/value projections found in "
-            f"{type(backbone).__name__}'s layers (set it to normalised)"
-        )
+        return True
+
+    _change_every_layer(backbone, "model.attention_kv", change, "attention norm with key/value projections", "normalised")
 
 
 def _init_position_table(backbone: nn.Module, std: float) -> None:

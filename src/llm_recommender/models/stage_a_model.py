@@ -396,10 +396,7 @@ class StageAModel(nn.Module):
         # trainer after training, or by load_checkpoint; not an nn.Module state (no gradient).
         self.item_knn = None
         self.item_knn_weight = 0.0
-        if model_config.freeze_projections:
-            for proj in (self.embeddings.item_proj, self.embeddings.user_proj, self.out_proj):
-                proj.requires_grad_(False)
-        self._freeze_unused(config)
+        self._freeze_parameters(config)
         self.train()
 
     def attach_item_knn(self, table, weight: float) -> None:
@@ -410,12 +407,16 @@ class StageAModel(nn.Module):
         self.item_knn = table
         self.item_knn_weight = float(weight) if table is not None else 0.0
 
-    def _freeze_unused(self, config: Config) -> None:
+    def _freeze_parameters(self, config: Config) -> None:
         # A parameter that never gets a gradient breaks DDP ("Expected to have finished
         # reduction"): without the user token nothing reads user_proj, and the user table is
         # read only by the user BPR and the L2 term.
         # Without the user token and the user BPR the user table is read by nothing but the L2
-        # term, which would only shrink it: frozen too.
+        # term, which would only shrink it: frozen too. model.freeze_projections freezes the
+        # projections whatever reads them.
+        if config.model.freeze_projections:
+            for proj in (self.embeddings.item_proj, self.embeddings.user_proj, self.out_proj):
+                proj.requires_grad_(False)
         if self.use_user_token:
             return
         self.embeddings.user_proj.requires_grad_(False)
