@@ -193,6 +193,16 @@ def test_position_init_std_redraws_the_learned_position_table_only():
         _model_config("model.position_init_std=0")
 
 
+def test_a_layer_setting_the_backbone_has_no_place_for_is_a_one_line_error():
+    from llm_recommender.models.backbone import _change_every_layer
+
+    backbone, _, _ = load_backbone(_model_config("model.random_init_stage_a_llm=true", "model.base_llm=gpt2", *TINY))
+    seen = []
+    with pytest.raises(ConfigError, match=r"^model\.x: no thing found in GPT2Model's layers \(set it to null\)$"):
+        _change_every_layer(backbone, "model.x", lambda layer: seen.append(layer) or False, "thing", "null")
+    assert len(seen) == 2  # every layer was offered the change
+
+
 def test_unknown_hub_name_is_a_one_line_error_saying_how_to_get_it():
     model_config = _model_config("model.base_llm=nobody/not-a-model-xyz")
     with pytest.raises(ModelLoadError) as excinfo:
