@@ -18,8 +18,8 @@ value), then evaluate on test
 
 Prints and writes the ratio of the network alone (and of the refit network alone) to item-kNN
 on full-ranking NDCG@10 (the issue's bar: > 1 everywhere) to
-benchmarks/results/recipe_datasets_<config>.json, with each run's epochs, time and the command. Data sets absent from ../shared/data are skipped with a
-message.
+benchmarks/results/recipe_datasets_<config>.json, with each run's epochs, time and the command.
+Data sets absent from ../shared/data are skipped with a message.
 """
 
 from __future__ import annotations
