@@ -107,15 +107,14 @@ def main() -> None:
             row["refit_alone"] = evaluate(run / "test_refit_alone.json", "--checkpoint", str(run / "best_model"),
                                           "--without-item-knn")
         knn_full = row["itemknn_with_valid"]["full"]["NDCG@10"]
-        for key in ("network_alone", "refit_alone"):
-            if key in row:
-                row[f"{key.split('_')[0]}_vs_itemknn_full_ndcg10"] = round(row[key]["full"]["NDCG@10"] / knn_full, 3)
+        ratios = {label: round(row[key]["full"]["NDCG@10"] / knn_full, 3)
+                  for key, label in (("network_alone", "network"), ("refit_alone", "refit")) if key in row}
+        row.update({f"{label}_vs_itemknn_full_ndcg10": ratio for label, ratio in ratios.items()})
         results[name] = row
         shown = {k: row[k]["full"]["NDCG@10"] for k in ("network_alone", "refit_alone", "recipe", "itemknn_with_valid")
                  if k in row}
-        ratios = ", ".join(f"{key} / item-kNN {row[f'{key}_vs_itemknn_full_ndcg10']}x"
-                           for key in ("network", "refit") if f"{key}_vs_itemknn_full_ndcg10" in row)
-        print(f"{name}: full NDCG@10 {shown}; {ratios}; best epoch {row['best_epoch']} of {row['epochs']}; "
+        shown_ratios = ", ".join(f"{label} / item-kNN {ratio}x" for label, ratio in ratios.items())
+        print(f"{name}: full NDCG@10 {shown}; {shown_ratios}; best epoch {row['best_epoch']} of {row['epochs']}; "
               f"{wall / 60:.1f} min", flush=True)
     write_result(f"recipe_datasets_{tag}", {
         "benchmark": "recipe_datasets",
