@@ -15,6 +15,7 @@ from llm_recommender.models.stage_a_model import (
     bpr_loss,
     chunk_positions,
     chunked_cross_entropy,
+    future_soft_targets,
     sample_negatives,
     sampled_softmax_cross_entropy,
 )
@@ -48,6 +49,51 @@ def test_chunked_cross_entropy_equals_unchunked_with_gradients(chunk_size, label
     for ours, theirs in ((s1.grad, s2.grad), (w1.grad, w2.grad)):
         assert (ours - theirs).abs().max() <= 1e-6 + 1e-5 * theirs.abs().max()
     assert torch.all(w1.grad[0] == 0), "the padding row gets no gradient"
+
+
+def test_future_soft_targets_share_mass_with_the_later_targets_of_the_row():
+    targets = torch.tensor([[5, 6, 7, 0], [8, 8, 0, 0]])  # (B, S), 0 = no target
+    ids, weights = future_soft_targets(targets, count=2, weight=0.3)
+    assert ids[0, 0].tolist() == [5, 6, 7] and weights[0, 0].tolist() == pytest.approx([0.7, 0.15, 0.15])
+    assert ids[0, 1].tolist() == [6, 7, 0] and weights[0, 1].tolist() == pytest.approx([0.7, 0.3, 0.0])
+    assert weights[0, 2].tolist() == pytest.approx([1.0, 0.0, 0.0]), "the last target keeps all its mass"
+    assert ids[1, 0].tolist() == [8, 8, 0] and weights[1, 0].tolist() == pytest.approx([0.7, 0.3, 0.0])
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("chunk_size", [3, 1000])
+def test_chunked_cross_entropy_with_soft_targets_equals_unchunked(chunk_size, label_smoothing):
+    """Soft targets (a repeated id included) against F.cross_entropy with probabilities."""
+    generator = torch.Generator().manual_seed(5)
+    num_positions, dim, num_items = 11, 8, 30
+    states = torch.randn(num_positions, dim, generator=generator)
+    weight = torch.randn(num_items + 1, dim, generator=generator)
+    ids = torch.randint(1, num_items + 1, (num_positions, 3), generator=generator)
+    ids[0, 1] = ids[0, 0]  # the same item twice: its shares add up
+    ids[1, 2] = 0  # a missing later target holds id 0 with weight 0
+    shares = torch.rand(num_positions, 3, generator=generator)
+    shares[1, 2] = 0.0
+    shares = shares / shares.sum(1, keepdim=True)
+
+    s1, w1 = states.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = chunked_cross_entropy(s1, w1, ids, chunk_size, label_smoothing, shares)
+    loss.backward()
+    s2, w2 = states.clone().requires_grad_(), weight.clone().requires_grad_()
+    probabilities = torch.zeros(num_positions, num_items + 1).scatter_add_(1, ids, shares)[:, 1:]
+    reference = F.cross_entropy((s2 @ w2.T)[:, 1:], probabilities, label_smoothing=label_smoothing)
+    reference.backward()
+
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+    for ours, theirs in ((s1.grad, s2.grad), (w1.grad, w2.grad)):
+        assert (ours - theirs).abs().max() <= 1e-5
+    assert torch.all(w1.grad[0] == 0), "the padding row gets no gradient"
+
+
+def test_future_weight_needs_future_targets_and_full_softmax():
+    with pytest.raises(ConfigError, match="stage_a.ce.future_weight"):
+        load_config(None, ["stage_a.ce.future_weight=0.2"])
+    with pytest.raises(ConfigError, match="stage_a.ce.future_weight"):
+        load_config(None, ["stage_a.ce.future_weight=0.2", "stage_a.ce.future_targets=1", "stage_a.ce.mode=sampled"])
 
 
 @pytest.mark.parametrize("chunk_size", [4, 1000])

@@ -451,6 +451,14 @@ class CrossEntropyConfig:
     """Subtract log of the sampling probability from sampled logits (unbiased softmax)."""
     label_smoothing: float = 0.0
     """Label smoothing of the full cross-entropy."""
+    future_targets: int = 0
+    """Later items of the training window that share each position's target (full mode): the
+    position's target distribution puts ``future_weight`` on the next ``future_targets`` items
+    after its own target (split evenly among those the window has) and the rest on the target.
+    0 = the plain next item. A model of "what comes soon", for data whose order within a
+    short span is noisy (reviews of the same day)."""
+    future_weight: float = 0.0
+    """Target mass on the ``future_targets`` later items (0 <= w < 1)."""
 
     def __post_init__(self) -> None:
         _check(self.chunk_size >= 1, "stage_a.ce.chunk_size", self.chunk_size, "must be >= 1")
@@ -463,6 +471,16 @@ class CrossEntropyConfig:
             "stage_a.ce.label_smoothing",
             self.label_smoothing,
             "must be in [0, 1)",
+        )
+        _check(self.future_targets >= 0, "stage_a.ce.future_targets", self.future_targets, "must be >= 0")
+        _check(
+            0.0 <= self.future_weight < 1.0, "stage_a.ce.future_weight", self.future_weight, "must be in [0, 1)"
+        )
+        _check(
+            self.future_weight == 0 or (self.future_targets > 0 and self.mode == "full"),
+            "stage_a.ce.future_weight",
+            self.future_weight,
+            "needs stage_a.ce.future_targets >= 1 and stage_a.ce.mode: full",
         )
 
 

@@ -73,11 +73,14 @@ class _ChunkedSoftmaxCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, states, weight, targets, chunk_size, label_smoothing):
+    def forward(ctx, states, weight, targets, chunk_size, label_smoothing, target_weights=None):
         num_positions = states.shape[0]
         num_classes = weight.shape[0] - 1  # real items 1..I
         # Target logits and the mean logit are linear in the states: no logits needed.
-        target_logit = (states * weight[targets]).sum(-1)  # (N,)
+        if target_weights is None:
+            target_logit = (states * weight[targets]).sum(-1)  # (N,)
+        else:  # soft targets: (N, M) ids with (N, M) weights summing to 1 per row
+            target_logit = ((states[:, None, :] * weight[targets]).sum(-1) * target_weights).sum(-1)  # (N,)
         mean_logit = states @ weight[1:].mean(dim=0) if label_smoothing > 0 else None  # (N,)
         lse = states.new_empty(num_positions)  # (N,)
         ctx.probabilities = None
@@ -107,6 +110,7 @@ class _ChunkedSoftmaxCrossEntropy(torch.autograd.Function):
         nll = lse - target_logit  # (N,)
         per_position = nll if mean_logit is None else (1 - label_smoothing) * nll + label_smoothing * (lse - mean_logit)
         ctx.save_for_backward(states, weight, targets, lse)
+        ctx.target_weights = target_weights
         ctx.chunk_size = chunk_size
         ctx.label_smoothing = label_smoothing
         ctx.num_classes = num_classes
@@ -134,7 +138,12 @@ class _ChunkedSoftmaxCrossEntropy(torch.autograd.Function):
                 grad_logits.sub_(lse[start:end, None]).exp_()  # softmax, in place
             rows = torch.arange(end - start, device=grad_logits.device)
             # One index per row: a plain index_put (deterministic on CUDA, unlike scatter_add).
-            grad_logits[rows, targets[start:end]] -= 1 - eps
+            if ctx.target_weights is None:
+                grad_logits[rows, targets[start:end]] -= 1 - eps
+            else:  # one column at a time: a repeated id accumulates
+                shares = ctx.target_weights[start:end] * (1 - eps)  # (c, M)
+                for column in range(targets.shape[1]):
+                    grad_logits[rows, targets[start:end, column]] -= shares[:, column]
             if eps > 0:
                 grad_logits[:, 1:] -= eps / ctx.num_classes
             if need_states:
@@ -144,7 +153,8 @@ class _ChunkedSoftmaxCrossEntropy(torch.autograd.Function):
                 grad_weight.addmm_(grad_logits.T, chunk, alpha=scale)  # (I+1, d)
             del grad_logits
         ctx.lease = None  # the workspace is free again
-        return grad_states, grad_weight, None, None, None
+        ctx.target_weights = None
+        return grad_states, grad_weight, None, None, None, None
 
 
 # exp(60) = 1.1e26: a sum of up to e^28 such terms stays finite in fp32 (max 3.4e38), and
@@ -206,15 +216,18 @@ def chunked_cross_entropy(
     targets: torch.Tensor,
     chunk_size: int,
     label_smoothing: float = 0.0,
+    target_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact mean softmax cross-entropy over items ``1..I``, chunked over positions.
 
     Args:
         states: ``(N, d)`` query states (cast to fp32).
         item_weight: ``(I+1, d)`` item table; row 0 (padding) is never a class.
-        targets: ``(N,)`` item ids in ``1..I``.
+        targets: ``(N,)`` item ids in ``1..I``; or ``(N, M)`` ids with ``target_weights``.
         chunk_size: positions whose logits exist at once (forward and backward).
         label_smoothing: smoothing mass spread uniformly over the I real items.
+        target_weights: ``(N, M)`` soft-target weights, each row summing to 1 (a column of
+            weight 0 may hold any id, 0 included); None: one target per position.
 
     Returns:
         Scalar mean over the N positions; gradients flow to ``states`` and ``item_weight``
@@ -225,8 +238,37 @@ def chunked_cross_entropy(
     device_type = states.device.type
     with torch.autocast(device_type=device_type, enabled=False):
         return _ChunkedSoftmaxCrossEntropy.apply(
-            states.float(), item_weight.float(), targets, int(chunk_size), float(label_smoothing)
+            states.float(),
+            item_weight.float(),
+            targets,
+            int(chunk_size),
+            float(label_smoothing),
+            None if target_weights is None else target_weights.float(),
         )
+
+
+def future_soft_targets(targets: torch.Tensor, count: int, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft targets that share each position's mass with the next ``count`` targets of its row.
+
+    Args:
+        targets: ``(B, S)`` next-item targets aligned with the output positions (0 = none); the
+            target of position s+k is the item k steps after position s's own.
+        count: later targets F per position.
+        weight: mass on the later targets, split evenly among those the row has (a position
+            near the end of its window has fewer; with none, its own target keeps all).
+
+    Returns:
+        ``(B, S, 1+F)`` item ids (column 0 the position's own target) and their weights, each
+        row summing to 1 where the position has a target.
+    """
+    batch, length = targets.shape
+    padded = F.pad(targets, (0, count))  # (B, S+F)
+    later = torch.stack([padded[:, k : k + length] for k in range(1, count + 1)], dim=-1)  # (B, S, F)
+    present = (later != 0).float()  # (B, S, F)
+    available = present.sum(-1, keepdim=True)  # (B, S, 1)
+    later_weights = weight * present / available.clamp_min(1)  # (B, S, F)
+    own = 1.0 - later_weights.sum(-1, keepdim=True)  # (B, S, 1)
+    return torch.cat([targets[..., None], later], dim=-1), torch.cat([own, later_weights], dim=-1)
 
 
 def sampled_softmax_cross_entropy(
@@ -617,8 +659,14 @@ class StageAModel(nn.Module):
         if weights.collaborative > 0 and positives.numel() > 0:
             if ce_config.mode == "full":
                 chunk = chunk_positions(self.num_items, ce_config.chunk_size, ce_config.chunk_memory_mb)
+                soft_targets, soft_weights = positives, None
+                if ce_config.future_weight > 0:
+                    soft_targets, soft_weights = future_soft_targets(
+                        targets, ce_config.future_targets, ce_config.future_weight
+                    )  # (B, S, 1+F) each
+                    soft_targets, soft_weights = soft_targets[valid], soft_weights[valid]  # (N, 1+F)
                 cross_entropy = chunked_cross_entropy(
-                    query, item_table.weight, positives, chunk, ce_config.label_smoothing
+                    query, item_table.weight, soft_targets, chunk, ce_config.label_smoothing, soft_weights
                 )
             else:
                 negatives = self._draw_shared_negatives(ce_config.num_sampled)  # (K,)
