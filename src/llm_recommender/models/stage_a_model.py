@@ -65,22 +65,21 @@ LOSS_KEYS = ("loss", "cross_entropy", "context_bpr", "user_bpr", "l2")
 class _ChunkedSoftmaxCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of ``states @ weight.T`` (column 0 excluded) without the full logits.
 
-    ``dL/dlogits = softmax - (1 - eps) onehot - eps / I``, then ``dstates = dlogits @ weight``
-    and ``dweight += dlogits.T @ states``. When the whole batch fits in one chunk, forward keeps
-    that chunk's softmax for backward (one matmul and one exp pass fewer: the common case for
-    catalogues up to ~100K items); otherwise forward keeps only each position's log-sum-exp and
-    backward recomputes one chunk of logits at a time, so memory stays at one chunk x I.
+    ``dL/dlogits = softmax - (1 - eps) target - eps / I`` (target: one-hot, or the weights of
+    soft targets), then ``dstates = dlogits @ weight`` and ``dweight += dlogits.T @ states``.
+    When the whole batch fits in one chunk, forward keeps that chunk's softmax for backward
+    (one matmul and one exp pass fewer: the common case for catalogues up to ~100K items);
+    otherwise forward keeps only each position's log-sum-exp and backward recomputes one chunk
+    of logits at a time, so memory stays at one chunk x I.
     """
 
     @staticmethod
-    def forward(ctx, states, weight, targets, chunk_size, label_smoothing, target_weights=None):
+    def forward(ctx, states, weight, targets, target_weights, chunk_size, label_smoothing):
         num_positions = states.shape[0]
         num_classes = weight.shape[0] - 1  # real items 1..I
         # Target logits and the mean logit are linear in the states: no logits needed.
-        if target_weights is None:
-            target_logit = (states * weight[targets]).sum(-1)  # (N,)
-        else:  # soft targets: (N, M) ids with (N, M) weights summing to 1 per row
-            target_logit = ((states[:, None, :] * weight[targets]).sum(-1) * target_weights).sum(-1)  # (N,)
+        # targets (N, M) with target_weights (N, M) summing to 1 per row (M = 1: the plain target).
+        target_logit = ((states[:, None, :] * weight[targets]).sum(-1) * target_weights).sum(-1)  # (N,)
         mean_logit = states @ weight[1:].mean(dim=0) if label_smoothing > 0 else None  # (N,)
         lse = states.new_empty(num_positions)  # (N,)
         ctx.probabilities = None
@@ -109,8 +108,7 @@ class _ChunkedSoftmaxCrossEntropy(torch.autograd.Function):
             ctx.lease = None  # backward recomputes (into the workspace again)
         nll = lse - target_logit  # (N,)
         per_position = nll if mean_logit is None else (1 - label_smoothing) * nll + label_smoothing * (lse - mean_logit)
-        ctx.save_for_backward(states, weight, targets, lse)
-        ctx.target_weights = target_weights
+        ctx.save_for_backward(states, weight, targets, target_weights, lse)
         ctx.chunk_size = chunk_size
         ctx.label_smoothing = label_smoothing
         ctx.num_classes = num_classes
@@ -118,7 +116,7 @@ class _ChunkedSoftmaxCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        states, weight, targets, lse = ctx.saved_tensors
+        states, weight, targets, target_weights, lse = ctx.saved_tensors
         need_states, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         eps = ctx.label_smoothing
         scale = float(grad_output) / states.shape[0]  # applied to the (c, d) products, not the logits
@@ -137,13 +135,11 @@ class _ChunkedSoftmaxCrossEntropy(torch.autograd.Function):
                 grad_logits[:, 0] = float("-inf")
                 grad_logits.sub_(lse[start:end, None]).exp_()  # softmax, in place
             rows = torch.arange(end - start, device=grad_logits.device)
-            # One index per row: a plain index_put (deterministic on CUDA, unlike scatter_add).
-            if ctx.target_weights is None:
-                grad_logits[rows, targets[start:end]] -= 1 - eps
-            else:  # one column at a time: a repeated id accumulates
-                shares = ctx.target_weights[start:end] * (1 - eps)  # (c, M)
-                for column in range(targets.shape[1]):
-                    grad_logits[rows, targets[start:end, column]] -= shares[:, column]
+            # One index per row and target column: a plain index_put (deterministic on CUDA,
+            # unlike scatter_add); column by column, so a repeated id accumulates.
+            shares = target_weights[start:end] * (1 - eps)  # (c, M)
+            for column in range(targets.shape[1]):
+                grad_logits[rows, targets[start:end, column]] -= shares[:, column]
             if eps > 0:
                 grad_logits[:, 1:] -= eps / ctx.num_classes
             if need_states:
@@ -153,7 +149,6 @@ class _ChunkedSoftmaxCrossEntropy(torch.autograd.Function):
                 grad_weight.addmm_(grad_logits.T, chunk, alpha=scale)  # (I+1, d)
             del grad_logits
         ctx.lease = None  # the workspace is free again
-        ctx.target_weights = None
         return grad_states, grad_weight, None, None, None, None
 
 
@@ -235,15 +230,13 @@ def chunked_cross_entropy(
     """
     if states.shape[0] == 0:
         return states.sum() * 0.0 + item_weight.sum() * 0.0
+    if target_weights is None:
+        targets = targets[:, None]  # (N, 1)
+        target_weights = torch.ones(targets.shape, device=states.device)  # (N, 1)
     device_type = states.device.type
     with torch.autocast(device_type=device_type, enabled=False):
         return _ChunkedSoftmaxCrossEntropy.apply(
-            states.float(),
-            item_weight.float(),
-            targets,
-            int(chunk_size),
-            float(label_smoothing),
-            None if target_weights is None else target_weights.float(),
+            states.float(), item_weight.float(), targets, target_weights.float(), int(chunk_size), float(label_smoothing)
         )
 
 
@@ -261,7 +254,7 @@ def future_soft_targets(targets: torch.Tensor, count: int, weight: float) -> tup
         ``(B, S, 1+F)`` item ids (column 0 the position's own target) and their weights, each
         row summing to 1 where the position has a target.
     """
-    batch, length = targets.shape
+    length = targets.shape[1]
     padded = F.pad(targets, (0, count))  # (B, S+F)
     later = torch.stack([padded[:, k : k + length] for k in range(1, count + 1)], dim=-1)  # (B, S, F)
     present = (later != 0).float()  # (B, S, F)
