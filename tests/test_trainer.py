@@ -7,6 +7,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -377,11 +378,20 @@ def test_resume_without_checkpoint_is_a_clear_error(tiny_data, tmp_path):
     assert "nothing to resume" in result.stderr and "Traceback" not in result.stderr
 
 
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def _launch_two(args: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # A fresh rendezvous port per launch: back-to-back launches on accelerate's default 29500
+    # can meet the previous run's socket still in TIME_WAIT.
     return subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--num_machines", "1", "--main_process_port", str(_free_port()),
+         "--mixed_precision", "no", "--dynamo_backend", "no",
          "-m", "llm_recommender.cli", *args],
         env=env, capture_output=True, text=True, timeout=600, check=False,
     )
