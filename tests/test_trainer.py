@@ -542,6 +542,40 @@ def test_item_deletion_keeps_order_and_the_last_target_and_repeats_per_epoch(tmp
         _config("stage_a.item_deletion_prob=1.0")
 
 
+def test_item_substitution_changes_inputs_only_and_repeats_per_epoch(tmp_path):
+    """stage_a.item_substitution_prob: about p of the input items are replaced by catalogue
+    items, padding stays padding, the targets stay the true events; the same (seed, epoch,
+    batch) draws the same replacements (a resumed run), another epoch others."""
+    from llm_recommender.data.dataset import TrainWindows
+
+    from processed_helpers import write_processed
+
+    folder = tmp_path / "sub"
+    histories = [list(range(1 + 20 * u, 1 + 20 * u + n)) for u, n in enumerate([20, 12, 4, 3])]
+    write_processed(folder, histories)
+    data = ProcessedData(folder)
+    plain = TrainWindows(data, max_seq_len=30, use_user_token=False, windows_per_user=None)
+    rows = np.arange(len(plain))
+    full = plain.batch(rows)
+    changed, seen = [], set()
+    for epoch in range(20):
+        noisy = TrainWindows(data, 30, False, None, substitution_prob=0.3)
+        noisy.set_epoch(5, epoch)
+        batch = noisy.batch(rows)
+        again = TrainWindows(data, 30, False, None, substitution_prob=0.3)
+        again.set_epoch(5, epoch)
+        assert all(np.array_equal(batch[k], again.batch(rows)[k]) for k in batch)
+        assert np.array_equal(batch["targets"], full["targets"])
+        real = full["item_seq"] > 0
+        assert np.array_equal(batch["item_seq"] > 0, real)  # padding stays, no input is lost
+        assert batch["item_seq"].max() <= data.num_items
+        changed.append((batch["item_seq"] != full["item_seq"])[real].mean())
+        seen.add(tuple(batch["item_seq"][0]))
+    assert 0.2 < np.mean(changed) < 0.35 and len(seen) > 10
+    with pytest.raises(ConfigError, match="stage_a.item_substitution_prob"):
+        _config("stage_a.item_substitution_prob=1.0")
+
+
 def test_the_trainer_reorders_tied_events_at_every_epoch(tiny_data, tmp_path, monkeypatch, capsys):
     from llm_recommender.data.dataset import TrainWindows
 

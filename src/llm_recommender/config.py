@@ -556,6 +556,12 @@ class StageAConfig:
     """Data augmentation: each training event of a window but its last is deleted with this
     probability, anew every epoch, and the rest close up (a shorter history in the same
     order). Validation and test histories are never touched."""
+    item_substitution_prob: float = 0.0
+    """Data augmentation: each input item of a training window is replaced with this
+    probability by an item drawn uniformly from the catalogue, anew every epoch; the targets
+    stay the true events (a denoising task: predict the next real item from a noisy
+    history). Applied after ``item_deletion_prob``. Validation and test histories are never
+    touched."""
     last_batch: Literal["drop", "fill"] = "drop"
     """The epoch's last, partial batch: ``drop`` skips those examples (a different remainder
     every epoch); ``fill`` completes the batch with examples from the start of the epoch's
@@ -618,6 +624,12 @@ class StageAConfig:
         _check(0 <= self.warmup_ratio < 1, "stage_a.warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
         _check(
             0 <= self.item_deletion_prob < 1, "stage_a.item_deletion_prob", self.item_deletion_prob, "must be in [0, 1)"
+        )
+        _check(
+            0 <= self.item_substitution_prob < 1,
+            "stage_a.item_substitution_prob",
+            self.item_substitution_prob,
+            "must be in [0, 1)",
         )
         _check(0 <= self.min_lr_ratio <= 1, "stage_a.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         _check(self.lr_decay_patience >= 0, "stage_a.lr_decay_patience", self.lr_decay_patience, "must be >= 0")

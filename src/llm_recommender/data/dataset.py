@@ -238,6 +238,9 @@ class TrainWindows:
             this probability, anew in every epoch (:meth:`set_epoch`) and batch, and the rest
             close up: a shorter history of the same user in the same order. One input always
             stays, so every example keeps a target.
+        substitution_prob: data augmentation: each input item (never a target) is replaced
+            with this probability by an item drawn uniformly from ``1..data.num_items``, anew
+            in every epoch and batch, after the deletions.
     """
 
     def __init__(
@@ -248,10 +251,13 @@ class TrainWindows:
         windows_per_user: int | None = 1,
         shuffle_ties: bool = False,
         deletion_prob: float = 0.0,
+        substitution_prob: float = 0.0,
     ) -> None:
         self.max_seq_len = int(max_seq_len)
         self.use_user_token = bool(use_user_token)
         self.deletion_prob = float(deletion_prob)
+        self.substitution_prob = float(substitution_prob)
+        self.num_items = int(data.num_items)
         self.epoch_seed: tuple[int, int] = (0, 0)
         self.file_items = np.asarray(data.items)
         self.tied = _tied_training_events(data) if shuffle_ties else None
@@ -326,6 +332,14 @@ class TrainWindows:
         window = np.where(np.sort(~keep, axis=1), 0, np.take_along_axis(window, order, axis=1))
         return window, keep.sum(axis=1)
 
+    def _substitute_inputs(self, indices: np.ndarray, item_seq: np.ndarray) -> np.ndarray:
+        """Replace each input item (padding stays padding) with ``substitution_prob`` by a
+        uniformly drawn item; one generator per (seed, epoch, batch), as the deletions."""
+        rng = np.random.default_rng([*self.epoch_seed, 0x5B57, int(indices[0]), len(indices)])
+        swap = (rng.random(item_seq.shape) < self.substitution_prob) & (item_seq > 0)
+        drawn = rng.integers(1, self.num_items + 1, size=item_seq.shape)
+        return np.where(swap, drawn, item_seq)
+
     def batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         """Build one right-padded batch of examples ``indices`` (numpy, vectorised).
 
@@ -345,6 +359,8 @@ class TrainWindows:
         # item_seq: w_1..w_{n-1}; position n-1 (the last item) is never an input.
         item_seq = np.where(column[:, :-1] < (length - 1)[:, None], window[:, :-1], 0)
         targets = window if self.use_user_token else window[:, 1:]
+        if self.substitution_prob > 0:
+            item_seq = self._substitute_inputs(indices, item_seq)
         # Trim the padding columns no row uses: short-sequence data (Amazon: median 6 items)
         # then costs the backbone the batch's longest row, not max_seq_len.
         longest = int(length.max())

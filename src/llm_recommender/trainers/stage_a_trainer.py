@@ -215,6 +215,7 @@ class StageATrainer:
             config.stage_a.windows_per_user,
             shuffle_ties=config.stage_a.shuffle_tied_events,
             deletion_prob=config.stage_a.item_deletion_prob,
+            substitution_prob=config.stage_a.item_substitution_prob,
         )
         self.global_batch = config.stage_a.batch_size * self.world
         targets_per_window = self.windows.expected_targets  # (windows,)
@@ -822,13 +823,16 @@ class StageATrainer:
         counts = count_parameters(self.model)
         info = getattr(self.model, "backbone_info", {})
         tied = self.windows.num_tied_events
+        if self.refit:  # a fixed length, no validation: the validation events are training events here
+            length = f"{self.stop_after_epochs} epochs (the refit, no validation)"
+        else:
+            length = f"up to {self.config.stage_a.epochs} epochs, validation every {self.eval_every_epochs} epoch(s)"
         print(
             f"train: {self.data.num_users} users, {self.data.num_items} items, {len(self.windows)} windows"
             f"{f' ({tied:,} tied events reordered every epoch)' if tied else ''}; "
             f"backbone {info.get('family', '?')} ({info.get('source', '?')}, {self.config.model.finetune_mode}); "
             f"parameters {counts['total']:,} ({counts['trainable']:,} trainable); "
-            f"{self.steps_per_epoch} steps/epoch x {self.config.stage_a.epochs} epochs, "
-            f"validation every {self.eval_every_epochs} epoch(s); "
+            f"{self.steps_per_epoch} steps/epoch x {length}; "
             f"{self.world} process(es) on {self.device}",
             flush=True,
         )
