@@ -180,7 +180,7 @@ def test_kill_and_resume_matches_uninterrupted_run(tiny_data, tmp_path):
         assert torch.equal(run_weights[key], ref_weights[key]), key
 
 
-def test_learning_rate_decays_on_a_plateau_and_the_refit_replays_it(tiny_data, tmp_path, monkeypatch):
+def test_learning_rate_decays_on_a_plateau_and_the_refit_replays_it(tiny_data, tmp_path, monkeypatch, capsys):
     """stage_a.lr_decay_patience: the rate is multiplied by lr_decay_factor after every k
     validations without a better NDCG@10; the refit, which never validates, decays after the
     same epochs, so it repeats the validated run's schedule."""
@@ -198,6 +198,10 @@ def test_learning_rate_decays_on_a_plateau_and_the_refit_replays_it(tiny_data, t
     summary = train_stage_a(config, tiny_data, tmp_path / "run")
     # Validations 1..7: best at 3; bad 1, 2 (decay after epoch 5), 3, 4 (stop after epoch 7).
     assert summary["best_epoch"] == 3 and summary["epochs"] == 7 and summary["lr_decay_epochs"] == [5]
+    headers = [line for line in capsys.readouterr().out.splitlines() if line.startswith("train: ")]
+    # The validated run states its cap and validation, the refit its fixed length (not the cap).
+    assert len(headers) == 2 and "x up to 20 epochs, validation every 1 epoch(s)" in headers[0]
+    assert "x 3 epochs (the refit, no validation)" in headers[1]
 
     def rate_by_epoch(run):
         entries = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -319,10 +319,14 @@ class TrainWindows:
         inputs = (self.lengths - 1) * (1.0 - self.deletion_prob)
         return inputs + (1.0 if self.use_user_token else 0.0)
 
+    def _batch_rng(self, stream: int, indices: np.ndarray) -> np.random.Generator:
+        """One generator per (seed, epoch, batch) and augmentation ``stream``: a resumed epoch
+        draws what the first run drew, and each augmentation draws independently."""
+        return np.random.default_rng([*self.epoch_seed, stream, int(indices[0]), len(indices)])
+
     def _delete_events(self, indices: np.ndarray, window: np.ndarray, length: np.ndarray):
         """Delete each event but the last of every row with ``deletion_prob``; close up."""
-        # One generator per (seed, epoch, batch): a resumed epoch deletes what the first run did.
-        rng = np.random.default_rng([*self.epoch_seed, 0xDE1E7E, int(indices[0]), len(indices)])
+        rng = self._batch_rng(0xDE1E7E, indices)
         column = np.arange(window.shape[1])[None, :]
         keep = (rng.random(window.shape) >= self.deletion_prob) | (column == (length - 1)[:, None])
         keep &= column < length[:, None]
@@ -334,8 +338,8 @@ class TrainWindows:
 
     def _substitute_inputs(self, indices: np.ndarray, item_seq: np.ndarray) -> np.ndarray:
         """Replace each input item (padding stays padding) with ``substitution_prob`` by a
-        uniformly drawn item; one generator per (seed, epoch, batch), as the deletions."""
-        rng = np.random.default_rng([*self.epoch_seed, 0x5B57, int(indices[0]), len(indices)])
+        uniformly drawn item."""
+        rng = self._batch_rng(0x5B57, indices)
         swap = (rng.random(item_seq.shape) < self.substitution_prob) & (item_seq > 0)
         drawn = rng.integers(1, self.num_items + 1, size=item_seq.shape)
         return np.where(swap, drawn, item_seq)
