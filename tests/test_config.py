@@ -39,6 +39,17 @@ def test_unknown_key_suggests_the_closest(tmp_path):
         load_config(None, ["data.min_ratng=4"])
 
 
+def test_a_key_given_twice_names_the_file_and_line(tmp_path):
+    # plain YAML keeps the last value: the first section's keys would be dropped without a word
+    path = _yaml(tmp_path, "model:\n  dropout: 0.3\nstage_a:\n  seed: 1\nmodel:\n  num_layers: 2\n")
+    with pytest.raises(ConfigError, match=r"config.yaml:5: key 'model' given twice"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"config.yaml:3: key 'seed' given twice"):
+        load_config(_yaml(tmp_path, "stage_a:\n  seed: 1\n  seed: 2\n"))
+    for name in ("config.yaml", "beauty.yaml", "sasrec_size.yaml", "demo.yaml", "pretrained_smollm2.yaml"):
+        load_config(REPO_ROOT / "config" / name)  # the shipped recipes have each key once
+
+
 def test_wrong_type_names_key_and_type(tmp_path):
     with pytest.raises(ConfigError, match=r"data.k_core='five' must be an integer"):
         load_config(_yaml(tmp_path, "data:\n  k_core: five\n"))
