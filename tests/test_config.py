@@ -46,6 +46,8 @@ def test_a_key_given_twice_names_the_file_and_line(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match=r"config.yaml:3: key 'seed' given twice"):
         load_config(_yaml(tmp_path, "stage_a:\n  seed: 1\n  seed: 2\n"))
+    with pytest.raises(ConfigError, match=r"--set .*: key 'collaborative' given twice"):
+        load_config(None, ["stage_a.loss_weights={collaborative: 1, collaborative: 2}"])
     recipes = sorted((REPO_ROOT / "config").glob("*.yaml"))
     assert len(recipes) >= 5
     for recipe in recipes:

@@ -935,7 +935,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. stage_a.batch_size=32")
     try:
-        value = yaml.safe_load(raw) if raw.strip() != "" else None
+        value = _load_yaml(raw) if raw.strip() != "" else None
+    except _DuplicateKeyError as exc:
+        raise ConfigError(f"--set {text!r}: {exc.problem}") from None
     except yaml.YAMLError:
         value = raw
     return canonical_key(key.split(".")), value
@@ -959,6 +961,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[st
     return raw
 
 
+class _DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A key given twice in one YAML mapping."""
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that rejects a key given twice in one mapping.
 
@@ -975,11 +981,17 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             except TypeError:  # an unhashable key: SafeLoader reports it itself
                 break
             if duplicate:
-                raise yaml.constructor.ConstructorError(
+                raise _DuplicateKeyError(
                     None, None, f"key {key!r} given twice in one mapping", key_node.start_mark
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str) -> Any:
+    """Parse YAML safely, a key given twice in one mapping being an error (config files and
+    ``--set`` values alike)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -992,7 +1004,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read config file ({exc.__class__.__name__})") from None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        data = _load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
