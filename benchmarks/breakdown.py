@@ -1,0 +1,149 @@
+"""Where a model wins or loses against item-kNN: full-ranking NDCG@10 per group of users.
+
+    python benchmarks/breakdown.py --data_dir DATA --model NAME=CHECKPOINT [--model ...]
+        [--network NAME=CHECKPOINT ...] [--split test] [--threads 1] [--name NAME]
+
+``--model`` scores a checkpoint as it is (with its neighbour table, if it has one);
+``--network`` scores it without the table: the network alone.
+
+Scores every user of the split with each checkpoint and with the item co-occurrence baseline
+(``itemknn_with_valid`` on test, ``itemknn`` on valid: the counts the input can see), then
+splits the users by
+
+- whether the held-out event has the same timestamp as the event before it (a user who logged
+  several events in one second, as half of MovieLens does, has no known order among them),
+  when the data has timestamps;
+- the length of the history before the held-out event (quartiles);
+- the popularity of the held-out item in the training events (terciles),
+
+and prints each model's NDCG@10 per group with its ratio to item-kNN's. The result goes to
+``benchmarks/results/breakdown_<name>.json``. It is a diagnosis, not a quality bar: a group of
+a few hundred users has a 95% interval of several points of NDCG@10.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import machine, write_result  # noqa: E402
+
+
+def ndcg_at_10(ranks: np.ndarray) -> np.ndarray:
+    """Per-user NDCG@10 of 0-based ranks (one relevant item)."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    return np.where(ranks < 10, 1.0 / np.log2(ranks + 2.0), 0.0)
+
+
+def groups(data, split: str) -> dict[str, np.ndarray]:
+    """Boolean masks over ``data.eval_examples(split)``'s users, by name."""
+    users, positions = data.eval_examples(split)
+    items = np.asarray(data.items)
+    offsets = np.asarray(data.offsets)
+    history = positions - offsets[users]
+    out = {"all": np.ones(len(users), dtype=bool)}
+    if data.meta.get("has_timestamps", True):
+        timestamps = np.asarray(data.timestamps)
+        tied = (history > 0) & (timestamps[positions] == timestamps[np.maximum(positions - 1, 0)])
+        out["same second as the previous event"] = tied
+        out["later than the previous event"] = ~tied
+    edges = np.quantile(history, [0.25, 0.5, 0.75]).astype(int)
+    bounds = [0, *edges.tolist(), int(history.max()) + 1]
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if hi > lo:
+            out[f"history {lo}-{hi - 1} events"] = (history >= lo) & (history < hi)
+    popularity = data.item_popularity(include_valid=False)[items[positions]]
+    low, high = np.quantile(popularity, [1 / 3, 2 / 3])
+    out["held-out item: least popular third"] = popularity < low
+    out["held-out item: middle third"] = (popularity >= low) & (popularity < high)
+    out["held-out item: most popular third"] = popularity >= high
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", required=True)
+    parser.add_argument("--model", action="append", default=[], metavar="NAME=CHECKPOINT",
+                        help="a checkpoint folder (best_model, validated_model), repeatable")
+    parser.add_argument("--network", action="append", default=[], metavar="NAME=CHECKPOINT",
+                        help="a checkpoint scored without its neighbour table, repeatable")
+    parser.add_argument("--split", choices=("valid", "test"), default="test")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--name", default=None, help="result file suffix (default: the data folder's name)")
+    args = parser.parse_args()
+
+    import torch
+
+    from llm_recommender.checkpoint import load_checkpoint
+    from llm_recommender.config import EvaluationConfig
+    from llm_recommender.data.dataset import ProcessedData
+    from llm_recommender.errors import LLMRecError
+    from llm_recommender.evaluation.baselines import get_baseline
+    from llm_recommender.evaluation.evaluator import evaluate
+
+    torch.set_num_threads(args.threads)
+    models: dict[str, tuple[Path, bool]] = {}  # name -> (checkpoint, network alone)
+    for flag, specs in (("--model", args.model), ("--network", args.network)):
+        for spec in specs:
+            name, sep, path = spec.partition("=")
+            if not sep or not name or not path:
+                parser.error(f"{flag} {spec!r}: expected NAME=CHECKPOINT")
+            if name in models or name == "item-kNN":
+                parser.error(f"{flag} {spec!r}: the name {name!r} is taken")
+            models[name] = (Path(path), flag == "--network")
+    if not models:
+        parser.error("give at least one --model or --network")
+    try:
+        data = ProcessedData(args.data_dir)
+        eval_config = EvaluationConfig()
+        scores, max_len = {}, 50
+        for name, (path, network_alone) in models.items():
+            model, config, _ = load_checkpoint(path)
+            if network_alone:
+                model.attach_item_knn(None, 0.0)
+            max_len = config.model.max_seq_len
+            result = evaluate(model, data, args.split, eval_config, max_len, protocols=("full",), return_ranks=True)
+            scores[name] = (result["users"], ndcg_at_10(result["ranks"]["full"]))
+        baseline = "itemknn_with_valid" if args.split == "test" else "itemknn"
+        knn = get_baseline(baseline, data, split=args.split)
+        result = evaluate(knn, data, args.split, eval_config, max_len, protocols=("full",), return_ranks=True)
+        scores["item-kNN"] = (result["users"], ndcg_at_10(result["ranks"]["full"]))
+    except LLMRecError as exc:
+        sys.exit(f"error: {exc}")
+    users = scores["item-kNN"][0]
+    for name, (order, _) in scores.items():
+        if not np.array_equal(order, users):
+            sys.exit(f"error: {name}: users in another order than item-kNN's")
+    masks = groups(data, args.split)
+    table = {}
+    width = max(len(g) for g in masks)
+    print(f"{args.split} split, full-ranking NDCG@10 (ratio to item-kNN)")
+    for group, mask in masks.items():
+        row = {"users": int(mask.sum())}
+        knn_value = float(scores["item-kNN"][1][mask].mean()) if mask.any() else 0.0
+        cells = []
+        for name, (_, values) in scores.items():
+            value = float(values[mask].mean()) if mask.any() else 0.0
+            row[name] = round(value, 4)
+            if name != "item-kNN":
+                ratio = value / knn_value if knn_value > 0 else float("nan")
+                row[f"{name} / item-kNN"] = round(ratio, 3)
+                cells.append(f"{name} {value:.4f} ({ratio:.2f}x)")
+            else:
+                cells.append(f"item-kNN {value:.4f}")
+        table[group] = row
+        print(f"{group:<{width}}  n={row['users']:<6d} " + "  ".join(cells))
+    write_result(
+        f"breakdown_{args.name or Path(args.data_dir).name}",
+        {"split": args.split, "data_dir": str(args.data_dir), "models": {k: {"checkpoint": str(p), "network_alone": alone} for k, (p, alone) in models.items()},
+         "item_knn": baseline, "groups": table, "command": " ".join(sys.argv), "machine": machine()},
+    )
+
+
+if __name__ == "__main__":
+    main()
