@@ -97,3 +97,35 @@ def test_cli_export_with_data_dir_and_no_faiss(tiny_checkpoint, tmp_path, capsys
     code = main(["export-embeddings", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "w"),
                  "--data_dir", str(tmp_path / "missing")])
     assert code == 2 and "processed data folder not found" in capsys.readouterr().err
+
+
+def test_an_item_bias_travels_as_one_more_column(tmp_path_factory):
+    """model.item_bias: serving adds each item's bias to its score, and the export carries it
+    as a last column (items: b_i, user states: 1), so the inner product is still the score."""
+    from test_recommend import build_tiny_checkpoint
+    import torch
+
+    checkpoint, _ = build_tiny_checkpoint(
+        tmp_path_factory.getbasetemp() / "tiny_bias_checkpoint",
+        ("model.item_bias=true", "model.item_bias_init=log_popularity"),
+    )
+    rec = Recommender.from_checkpoint(checkpoint)
+    bias = rec.model.item_bias.detach()
+    assert bias[1:].abs().sum() > 0
+    items, scores = rec.recommend_users(np.arange(1, 11), k=5, exclude_seen=False)
+    for user in range(1, 11):
+        history = torch.from_numpy(rec.history_of(user)[-rec.max_seq_len :])[None, :]
+        reference = rec.model.full_sort_predict(torch.tensor([user]), history)[0]
+        top = torch.topk(reference, 5)
+        assert items[user - 1].tolist() == top.indices.tolist()
+        np.testing.assert_allclose(scores[user - 1], top.values.numpy(), rtol=1e-5, atol=1e-5)
+    output = tmp_path_factory.mktemp("export_bias") / "vectors"
+    manifest = export_embeddings(checkpoint, output, faiss_index=False)
+    vectors = np.load(output / "item_embeddings.npy")
+    states = np.load(output / "user_states.npy")
+    assert manifest["item_bias"] is True and manifest["dim"] == 17 and vectors.shape == (30, 17)
+    np.testing.assert_allclose(vectors[:, -1], bias[1:].numpy(), rtol=1e-6)
+    np.testing.assert_array_equal(states[:, -1], 1.0)
+    assert np.load(output / "user_embeddings.npy").shape == (60, 16)
+    expected = np.sort(states[:10] @ vectors.T, axis=1)[:, ::-1][:, :5]
+    np.testing.assert_allclose(expected, scores, rtol=1e-4, atol=1e-5)

@@ -265,8 +265,9 @@ TINY_OVERRIDES = [
 ]
 
 
-def build_tiny_checkpoint(base: Path) -> tuple[Path, Path]:
-    """A processed dataset and a 1-epoch tiny GPT-2 checkpoint under ``base`` (cached there).
+def build_tiny_checkpoint(base: Path, overrides: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """A processed dataset and a 1-epoch tiny GPT-2 checkpoint under ``base`` (cached there),
+    with ``overrides`` on top of ``TINY_OVERRIDES``.
 
     Returns:
         (checkpoint folder ``best_model``, processed data folder)
@@ -280,7 +281,7 @@ def build_tiny_checkpoint(base: Path) -> tuple[Path, Path]:
     from llm_recommender.trainers.stage_a_trainer import train_stage_a
 
     write_processed(data_dir, cyclic_sequences())
-    config = load_config(None, TINY_OVERRIDES)
+    config = load_config(None, [*TINY_OVERRIDES, *overrides])
     train_stage_a(config, data_dir, base / "run")
     assert (checkpoint / "checkpoint.json").is_file()
     return checkpoint, data_dir

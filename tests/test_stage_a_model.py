@@ -409,3 +409,51 @@ def test_attend_padding_is_a_left_padded_window_with_visible_padding(use_user_to
         changed[0, 2] = 19
         moved = (model(users, changed) - b)[0].abs().amax(dim=1)  # (S,)
         assert moved[: offset + 2].max() < 1e-6 and moved[offset + 2] > 1e-4
+
+
+@pytest.mark.parametrize("mode", ["full", "sampled"])
+def test_the_item_bias_is_added_to_every_score_and_learns(mode):
+    """model.item_bias: every score is state . row + b_i, in the losses (full and sampled
+    cross-entropy, context BPR), in full_sort_predict and in predict_candidates."""
+    torch.manual_seed(0)
+    config = _config(
+        *RANDOM_TINY["gpt2"], "model.item_bias=true", f"stage_a.ce.mode={mode}", "stage_a.ce.num_sampled=8",
+        "stage_a.collaborative.use_bpr_loss=true",
+    )
+    model = build_model(config, NUM_USERS, NUM_ITEMS)
+    assert model.item_bias.shape == (NUM_ITEMS + 1,) and torch.all(model.item_bias == 0)
+    batch = make_batch(torch.Generator().manual_seed(0))
+    model.calculate_loss(batch)["loss"].backward()
+    assert model.item_bias.grad[1:].abs().sum() > 0 and model.item_bias.grad[0] == 0  # padding never a class
+    with torch.no_grad():
+        model.item_bias.copy_(torch.linspace(-2.0, 2.0, NUM_ITEMS + 1))
+    model.eval()
+    users, seq = torch.tensor([1, 2]), torch.tensor([[3, 4, 5], [6, 7, 0]])
+    scores = model.full_sort_predict(users, seq)
+    plain = model.user_state(users, seq) @ model.embeddings.item_embeddings.weight.T
+    assert torch.allclose(scores[:, 1:], (plain + model.item_bias)[:, 1:], atol=1e-5)
+    assert torch.all(scores[:, 0] == float("-inf"))
+    candidates = torch.tensor([[5, 1, 9], [2, 3, 4]])
+    assert torch.allclose(model.predict_candidates(users, seq, candidates), scores.gather(1, candidates), atol=1e-5)
+    if mode == "full":  # the loss is the cross-entropy of exactly these scores (no dropout in SHAPE)
+        model.train()
+        loss = model.calculate_loss(batch)["cross_entropy"]
+        valid = batch["targets"] != 0
+        states = model(batch["user_ids"], batch["item_seq"])[valid]  # (N, d)
+        logits = states @ model.embeddings.item_embeddings.weight.T + model.item_bias  # (N, I+1)
+        expected = torch.nn.functional.cross_entropy(logits[:, 1:], batch["targets"][valid] - 1)
+        assert torch.allclose(loss, expected, atol=1e-5)
+
+
+def test_the_item_bias_starts_at_the_centred_log_popularity_and_round_trips(tmp_path):
+    config = _config(*RANDOM_TINY["gpt2"], "model.item_bias=true", "model.item_bias_init=log_popularity")
+    model = build_model(config, NUM_USERS, NUM_ITEMS)
+    counts = torch.arange(NUM_ITEMS + 1)
+    model.init_item_bias(counts)
+    expected = torch.log1p(counts.double())
+    expected = expected - expected[1:].mean()
+    assert torch.allclose(model.item_bias[1:].double(), expected[1:], atol=1e-6) and model.item_bias[0] == 0
+    assert "item_bias" in model.trainable_state_dict()
+    _round_trip(config, tmp_path)  # saved and reloaded with the rest of the weights
+    with pytest.raises(Exception, match="needs model.item_bias: true"):
+        _config("model.item_bias_init=log_popularity")

@@ -269,6 +269,16 @@ class ModelConfig:
     state is compared with each item's projected row (without the token scale and the shared bias,
     which shift every score alike), as SASRec scores with the embedding it reads. The
     item's representation on the way in and the way out is then one and the same."""
+    item_bias: bool = False
+    """A learned score offset per item, added to the dot product of the state and the item's
+    row (``h . e_i + b_i``) in the losses, in evaluation and in serving: an item's overall
+    popularity then has a place of its own instead of a direction every state must keep.
+    No weight decay, no L2; its start is ``model.item_bias_init``."""
+    item_bias_init: Literal["zero", "log_popularity"] = "zero"
+    """Start of ``model.item_bias``: ``zero``, or ``log_popularity``: the log of each item's
+    training count plus one, centred (the scores of a model that knows nothing else). Adam
+    moves a bias about one learning rate per step, so from zero a few thousand steps span
+    only a few nats of popularity."""
     embedding_dropout: float = 0.0
     """Dropout on the soft-token embeddings before the backbone."""
     max_seq_len: int = 50
@@ -327,6 +337,12 @@ class ModelConfig:
             value = getattr(self, key)
             _check(value is None or value > 0, f"model.{key}", value, "must be > 0 or null")
         _check(self.soft_token_scale > 0, "model.soft_token_scale", self.soft_token_scale, "must be > 0")
+        _check(
+            self.item_bias or self.item_bias_init == "zero",
+            "model.item_bias_init",
+            self.item_bias_init,
+            "needs model.item_bias: true",
+        )
         for key in ("dropout", "residual_dropout", "mlp_dropout", "embedding_dropout", "unknown_user_prob"):
             value = getattr(self, key)
             _check(value is None or 0.0 <= value < 1.0, f"model.{key}", value, "must be in [0, 1)")

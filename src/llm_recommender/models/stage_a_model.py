@@ -417,6 +417,8 @@ class StageAModel(nn.Module):
         self.out_proj = nn.Linear(d_model, model_config.embedding_dim)
         if model_config.projection_init == "orthogonal":
             init_orthogonal(self.out_proj)
+        # model.item_bias: b_i added to every score of item i (row 0, padding, never scored).
+        self.item_bias = nn.Parameter(torch.zeros(num_items + 1)) if model_config.item_bias else None
         self.tie_output_projection = model_config.tie_output_projection
         if self.tie_output_projection:
             # Kept (checkpoint layout unchanged) but unused: frozen so DDP sees no idle gradient.
@@ -564,11 +566,49 @@ class StageAModel(nn.Module):
         last = (mask.long() * positions).argmax(dim=1)  # (B,) last visible position
         return states[torch.arange(states.shape[0], device=states.device), last]  # (B, d)
 
+    def scoring_table(self) -> torch.Tensor:
+        """The item rows states are scored against: ``(I+1, d)``, or ``(I+1, d+1)`` with
+        ``model.item_bias`` (the bias as a last column, to meet a state extended by
+        :meth:`scoring_states`), so one dot product gives ``h . e_i + b_i``."""
+        table = self.embeddings.item_embeddings.weight
+        if self.item_bias is None:
+            return table
+        return torch.cat([table, self.item_bias[:, None].to(table.dtype)], dim=1)
+
+    def scoring_states(self, states: torch.Tensor) -> torch.Tensor:
+        """States ``(..., d)`` as :meth:`scoring_table` expects them: ``(..., d+1)`` with a
+        last column of ones under ``model.item_bias``, else unchanged."""
+        if self.item_bias is None:
+            return states
+        return torch.cat([states, states.new_ones(states.shape[:-1] + (1,))], dim=-1)
+
+    @torch.no_grad()
+    def init_item_bias(self, counts: torch.Tensor) -> None:
+        """``model.item_bias_init: log_popularity``: ``b_i = log(1 + count_i)``, centred over
+        the real items; ``counts`` is ``(I+1,)`` (index 0, padding, ignored)."""
+        if self.item_bias is None:
+            raise ConfigError("model.item_bias_init needs model.item_bias: true")
+        counts = torch.as_tensor(counts, dtype=torch.float64)
+        if counts.shape != (self.num_items + 1,):
+            raise ValueError(f"counts must have shape ({self.num_items + 1},), got {tuple(counts.shape)}")
+        bias = counts.clamp_min(0).log1p()
+        bias -= bias[1:].mean()
+        bias[0] = 0.0
+        self.item_bias.copy_(bias.to(self.item_bias.dtype))
+
+    def _scoring_rows(self, item_ids: torch.Tensor) -> torch.Tensor:
+        """Rows of :meth:`scoring_table` for ``item_ids (...)`` -> ``(..., d[+1])``, looked up
+        through the embedding (sparse tables keep sparse gradients)."""
+        rows = self.embeddings.item_embeddings(item_ids)
+        if self.item_bias is None:
+            return rows
+        return torch.cat([rows, self.item_bias[item_ids][..., None].to(rows.dtype)], dim=-1)
+
     @torch.no_grad()
     def full_sort_predict(self, user_ids: torch.Tensor, item_seq: torch.Tensor) -> torch.Tensor:
         """Scores of every item: ``(B, I+1)`` float32; column 0 (padding) is ``-inf``."""
-        state = self.user_state(user_ids, item_seq)  # (B, d)
-        scores = state.float() @ self.embeddings.item_embeddings.weight.float().T  # (B, I+1)
+        state = self.scoring_states(self.user_state(user_ids, item_seq).float())  # (B, d[+1])
+        scores = state @ self.scoring_table().float().T  # (B, I+1)
         if self.item_knn is not None and self.item_knn_weight:
             scores += self.item_knn_weight * self.item_knn.full_scores(item_seq).to(scores.device)
         scores[:, 0] = float("-inf")
@@ -579,9 +619,9 @@ class StageAModel(nn.Module):
         self, user_ids: torch.Tensor, item_seq: torch.Tensor, candidates: torch.Tensor
     ) -> torch.Tensor:
         """Scores of given candidates: ``(B, C)`` ids -> ``(B, C)``; padding candidates ``-inf``."""
-        state = self.user_state(user_ids, item_seq)  # (B, d)
-        rows = self.embeddings.item_embeddings.weight[candidates]  # (B, C, d)
-        scores = torch.einsum("bd,bcd->bc", state.float(), rows.float())  # (B, C)
+        state = self.scoring_states(self.user_state(user_ids, item_seq).float())  # (B, d[+1])
+        rows = self.scoring_table()[candidates]  # (B, C, d[+1])
+        scores = torch.einsum("bd,bcd->bc", state, rows.float())  # (B, C)
         if self.item_knn is not None and self.item_knn_weight:
             scores += self.item_knn_weight * self.item_knn.candidate_scores(item_seq, candidates).to(scores.device)
         return scores.masked_fill(candidates == 0, float("-inf"))
@@ -642,7 +682,7 @@ class StageAModel(nn.Module):
 
         states = self(user_ids, item_seq)  # (B, S, d)
         valid = targets != 0  # (B, S)
-        query = states[valid].float()  # (N, d)
+        query = self.scoring_states(states[valid].float())  # (N, d[+1])
         positives = targets[valid]  # (N,)
         position_users = user_ids[:, None].expand_as(targets)[valid]  # (N,)
         item_table = self.embeddings.item_embeddings
@@ -659,7 +699,7 @@ class StageAModel(nn.Module):
                     )  # (B, S, 1+F) each
                     soft_targets, soft_weights = soft_targets[valid], soft_weights[valid]  # (N, 1+F)
                 cross_entropy = chunked_cross_entropy(
-                    query, item_table.weight, soft_targets, chunk, ce_config.label_smoothing, soft_weights
+                    query, self.scoring_table(), soft_targets, chunk, ce_config.label_smoothing, soft_weights
                 )
             else:
                 negatives = self._draw_shared_negatives(ce_config.num_sampled)  # (K,)
@@ -669,8 +709,8 @@ class StageAModel(nn.Module):
                     log_q_neg = self.sampling_log_q[negatives]  # (K,)
                 cross_entropy = sampled_softmax_cross_entropy(
                     query,
-                    item_table(positives).float(),  # (N, d)
-                    item_table(negatives).float(),  # (K, d)
+                    self._scoring_rows(positives).float(),  # (N, d[+1])
+                    self._scoring_rows(negatives).float(),  # (K, d[+1])
                     positives,
                     negatives,
                     log_q_pos,
@@ -684,12 +724,12 @@ class StageAModel(nn.Module):
             negatives = sample_negatives(
                 positives, self.num_items, stage_a.collaborative.negative_samples
             )  # (N, K)
-            positive_rows = item_table(positives).float()  # (N, d)
-            negative_rows = item_table(negatives).float()  # (N, K, d)
+            positive_rows = self._scoring_rows(positives).float()  # (N, d[+1])
+            negative_rows = self._scoring_rows(negatives).float()  # (N, K, d[+1])
             if use_context:
                 context_bpr = bpr_loss(query, positive_rows, negative_rows)
             if use_user:
-                user_rows = self.embeddings.user_embeddings(position_users).float()  # (N, d)
+                user_rows = self.scoring_states(self.embeddings.user_embeddings(position_users).float())  # (N, d[+1])
                 user_bpr = bpr_loss(user_rows, positive_rows, negative_rows)
 
         l2 = zero

@@ -12,7 +12,9 @@ The output folder (written under a temporary name, renamed at the end) holds:
 | ``manifest.json`` | ``format_version``, shapes, the checkpoint, the metric, what each file is |
 
 The model scores item ``i`` for a user as ``user_state · E_item[i]`` (inner product, not
-cosine), so an inner-product search of ``user_states`` over ``item_embeddings`` returns exactly
+cosine; under ``model.item_bias`` plus the item's bias ``b_i``: ``item_embeddings.npy`` then has
+one more column holding ``b_i`` and ``user_states.npy`` one more holding 1, so ``dim`` is
+``d + 1`` and the inner product is still the whole score), so an inner-product search of ``user_states`` over ``item_embeddings`` returns exactly
 the model's top-K (before excluding items the user has seen: filter those out, or ask for K +
 history length). A user's raw table row is *not* a query vector. Cold users (a history, no
 id) have no precomputed state: ask the service (``POST /recommend`` with ``history``).
@@ -88,7 +90,8 @@ def export_embeddings(
         "item_embeddings.npy": "float32 (num_items, dim); row r is item index r+1 (line r+1 of item_ids.txt)",
         "user_states.npy": "float32 (num_users, dim); the query vector of user r+1: model.user_state over the "
         "user's history; inner product with item_embeddings = the model's scores",
-        "user_embeddings.npy": "float32 (num_users, dim); raw user table rows 1..U (model input, not a query vector)",
+        "user_embeddings.npy": "float32 (num_users, d); raw user table rows 1..U (model input, not a query "
+        "vector; d = dim, or dim - 1 with item_bias)",
         "item_ids.txt": "original item ids in row order",
         "user_ids.txt": "original user ids in row order",
     }
@@ -122,6 +125,9 @@ def export_embeddings(
             "num_users": int(user_states.shape[0]),
             "dim": int(item_vectors.shape[1]),
             "metric": "inner_product",
+            # model.item_bias: the last column of item_embeddings.npy is each item's bias and
+            # that of user_states.npy is 1 (the inner product is still the model's score).
+            "item_bias": bool(getattr(model, "item_bias", None) is not None),
             "max_seq_len": recommender.max_seq_len,
             "query": "user_states.npy (model.user_state), not user_embeddings.npy",
             "files": files,

@@ -9,7 +9,8 @@ How a user is scored:
 - **known user** ``u``: the model reads ``[u, last max_seq_len items of u's whole sequence]``
   (train, validation and test events: serving uses everything known) and its last-position
   state ``s = model.user_state(...)`` (B, d_rec) scores every item as ``s · E_item[i]``
-  (the tied item table, the same scores as ``full_sort_predict``).
+  (the tied item table, the same scores as ``full_sort_predict``), plus the item's bias
+  ``b_i`` under ``model.item_bias`` (``[s, 1] · [E_item[i], b_i]``).
 - **cold user** (a history of original item ids, no user id): the same with user index 0, the
   learned unknown-user row. That row is trained only when ``model.unknown_user_prob > 0``
   (training then replaces a fraction of users with it); otherwise it is its random
@@ -118,9 +119,13 @@ class Recommender:
         self.items = np.asarray(data.items)
         weight = model.embeddings.item_embeddings.weight.detach()
         self.device = weight.device
-        self.item_table = weight.float().contiguous()  # (I+1, d): row 0 padding
-        norms = self.item_table.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        self.item_table_normed = self.item_table / norms  # (I+1, d) for cosine similarity
+        # What states are scored against: the item rows, plus the item bias as a last column
+        # under model.item_bias (the states then get a last column of ones, _states).
+        scoring_table = getattr(model, "scoring_table", None)  # (a duck-typed model may have none)
+        table = scoring_table().detach() if scoring_table is not None else weight
+        self.item_table = table.float().contiguous()  # (I+1, d[+1]): row 0 padding
+        rows = weight.float()
+        self.item_table_normed = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (I+1, d) for cosine similarity
 
     # ------------------------------------------------------------------ loading
 
@@ -304,6 +309,8 @@ class Recommender:
                 group_states = self.model.user_state(
                     torch.from_numpy(users[group]).to(self.device), torch.from_numpy(item_seq).to(self.device)
                 )  # (G, d)
+                if self.item_table.shape[1] != group_states.shape[1]:  # model.item_bias: (G, d+1)
+                    group_states = self.model.scoring_states(group_states.float())
                 states[torch.from_numpy(group).to(self.device)] = group_states.float()
         return states
 
@@ -382,10 +389,12 @@ class Recommender:
     def user_states(self, user_indices: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         """The query vectors of known users: ``model.user_state`` on their whole histories.
 
-        ``user_states(u) @ E_item.T`` are exactly the scores :meth:`recommend_users` ranks.
+        ``user_states(u) @ item_table.T`` are exactly the scores :meth:`recommend_users` ranks
+        (without item neighbours). Under ``model.item_bias`` both have one more column: the
+        states a 1, the table the item's bias.
 
         Returns:
-            (B, d_rec) float32.
+            (B, d_rec) float32, (B, d_rec + 1) under ``model.item_bias``.
         """
         user_indices = np.asarray(user_indices, dtype=np.int64)
         out = [np.zeros((0, self.item_table.shape[1]), np.float32)]
