@@ -55,8 +55,9 @@ def groups(data, split: str) -> dict[str, np.ndarray]:
     edges = np.quantile(history, [0.25, 0.5, 0.75]).astype(int)
     bounds = [0, *edges.tolist(), int(history.max()) + 1]
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        if hi > lo:
-            out[f"history {lo}-{hi - 1} events"] = (history >= lo) & (history < hi)
+        mask = (history >= lo) & (history < hi)
+        if mask.any():  # (short-history data repeats a quartile edge)
+            out[f"history {lo}-{hi - 1} events"] = mask
     popularity = data.item_popularity(include_valid=False)[items[positions]]
     low, high = np.quantile(popularity, [1 / 3, 2 / 3])
     out["held-out item: least popular third"] = popularity < low
