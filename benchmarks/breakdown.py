@@ -34,14 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, write_result  # noqa: E402
 
 
-def ndcg_at_10(ranks: np.ndarray) -> np.ndarray:
-    """Per-user NDCG@10 of 0-based ranks (one relevant item)."""
-    ranks = np.asarray(ranks, dtype=np.float64)
-    return np.where(ranks < 10, 1.0 / np.log2(ranks + 2.0), 0.0)
-
-
 def groups(data, split: str) -> dict[str, np.ndarray]:
-    """Boolean masks over ``data.eval_examples(split)``'s users, by name."""
+    """Boolean masks over ``data.eval_examples(split)``'s users, by name; empty groups left
+    out (no same-second events, a quartile edge repeated by short-history data)."""
     users, positions = data.eval_examples(split)
     items = np.asarray(data.items)
     offsets = np.asarray(data.offsets)
@@ -55,15 +50,13 @@ def groups(data, split: str) -> dict[str, np.ndarray]:
     edges = np.quantile(history, [0.25, 0.5, 0.75]).astype(int)
     bounds = [0, *edges.tolist(), int(history.max()) + 1]
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        mask = (history >= lo) & (history < hi)
-        if mask.any():  # (short-history data repeats a quartile edge)
-            out[f"history {lo}-{hi - 1} events"] = mask
+        out[f"history {lo}-{hi - 1} events"] = (history >= lo) & (history < hi)
     popularity = data.item_popularity(include_valid=False)[items[positions]]
     low, high = np.quantile(popularity, [1 / 3, 2 / 3])
     out["held-out item: least popular third"] = popularity < low
     out["held-out item: middle third"] = (popularity >= low) & (popularity < high)
     out["held-out item: most popular third"] = popularity >= high
-    return out
+    return {name: mask for name, mask in out.items() if mask.any()}
 
 
 def main() -> None:
@@ -86,6 +79,7 @@ def main() -> None:
     from llm_recommender.errors import LLMRecError
     from llm_recommender.evaluation.baselines import get_baseline
     from llm_recommender.evaluation.evaluator import evaluate
+    from llm_recommender.evaluation.metrics import ndcg_at_k
 
     torch.set_num_threads(args.threads)
     models: dict[str, tuple[Path, bool]] = {}  # name -> (checkpoint, network alone)
@@ -109,11 +103,11 @@ def main() -> None:
                 model.attach_item_knn(None, 0.0)
             max_len = config.model.max_seq_len
             result = evaluate(model, data, args.split, eval_config, max_len, protocols=("full",), return_ranks=True)
-            scores[name] = (result["users"], ndcg_at_10(result["ranks"]["full"]))
+            scores[name] = (result["users"], ndcg_at_k(result["ranks"]["full"], 10))
         baseline = "itemknn_with_valid" if args.split == "test" else "itemknn"
         knn = get_baseline(baseline, data, split=args.split)
         result = evaluate(knn, data, args.split, eval_config, max_len, protocols=("full",), return_ranks=True)
-        scores["item-kNN"] = (result["users"], ndcg_at_10(result["ranks"]["full"]))
+        scores["item-kNN"] = (result["users"], ndcg_at_k(result["ranks"]["full"], 10))
     except LLMRecError as exc:
         sys.exit(f"error: {exc}")
     users = scores["item-kNN"][0]
@@ -126,10 +120,10 @@ def main() -> None:
     print(f"{args.split} split, full-ranking NDCG@10 (ratio to item-kNN)")
     for group, mask in masks.items():
         row = {"users": int(mask.sum())}
-        knn_value = float(scores["item-kNN"][1][mask].mean()) if mask.any() else 0.0
+        knn_value = float(scores["item-kNN"][1][mask].mean())
         cells = []
         for name, (_, values) in scores.items():
-            value = float(values[mask].mean()) if mask.any() else 0.0
+            value = float(values[mask].mean())
             row[name] = round(value, 4)
             if name != "item-kNN":
                 ratio = value / knn_value if knn_value > 0 else float("nan")

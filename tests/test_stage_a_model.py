@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import shared_path
 from llm_recommender.config import load_config
-from llm_recommender.errors import CheckpointError
+from llm_recommender.errors import CheckpointError, ConfigError
 from llm_recommender.models.stage_a_model import StageAModel, build_model, count_parameters, keep_recent
 
 NUM_USERS, NUM_ITEMS, SEQ_LEN = 8, 20, 8
@@ -455,5 +455,5 @@ def test_the_item_bias_starts_at_the_centred_log_popularity_and_round_trips(tmp_
     assert torch.allclose(model.item_bias[1:].double(), expected[1:], atol=1e-6) and model.item_bias[0] == 0
     assert "item_bias" in model.trainable_state_dict()
     _round_trip(config, tmp_path)  # saved and reloaded with the rest of the weights
-    with pytest.raises(Exception, match="needs model.item_bias: true"):
+    with pytest.raises(ConfigError, match="needs model.item_bias: true"):
         _config("model.item_bias_init=log_popularity")

@@ -124,6 +124,7 @@ class Recommender:
         scoring_table = getattr(model, "scoring_table", None)  # (a duck-typed model may have none)
         table = scoring_table().detach() if scoring_table is not None else weight
         self.item_table = table.float().contiguous()  # (I+1, d[+1]): row 0 padding
+        self._scoring_states = getattr(model, "scoring_states", lambda states: states)
         rows = weight.float()
         self.item_table_normed = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (I+1, d) for cosine similarity
 
@@ -306,12 +307,10 @@ class Recommender:
                 source = (starts[group] + lengths[group] - taken[group])[:, None] + column  # (G, T)
                 valid = column < taken[group][:, None]
                 item_seq = np.where(valid, flat_items[np.minimum(source, last)], 0)  # (G, T) right-padded
-                group_states = self.model.user_state(
+                group_states = self._scoring_states(self.model.user_state(
                     torch.from_numpy(users[group]).to(self.device), torch.from_numpy(item_seq).to(self.device)
-                )  # (G, d)
-                if self.item_table.shape[1] != group_states.shape[1]:  # model.item_bias: (G, d+1)
-                    group_states = self.model.scoring_states(group_states.float())
-                states[torch.from_numpy(group).to(self.device)] = group_states.float()
+                ).float())  # (G, d), (G, d+1) under model.item_bias
+                states[torch.from_numpy(group).to(self.device)] = group_states
         return states
 
     def _user_histories(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -245,7 +245,7 @@ class StageATrainer:
         self.model = StageAModel(config, self.data.num_users, self.data.num_items)
         if config.stage_a.ce.mode == "sampled" and config.stage_a.ce.proposal == "popularity":
             self.model.set_item_sampling_distribution(torch.from_numpy(self.data.item_popularity()))
-        if config.model.item_bias and config.model.item_bias_init == "log_popularity":
+        if config.model.item_bias_init == "log_popularity":  # (the config check requires item_bias)
             # Counts of the events this run trains on (a refit's include the validation events);
             # --resume then loads the trained bias over it.
             self.model.init_item_bias(torch.from_numpy(self.data.item_popularity()))
