@@ -16,6 +16,7 @@ from llm_recommender.models.stage_a_model import (
     chunk_positions,
     chunked_cross_entropy,
     future_soft_targets,
+    tied_soft_targets,
     sample_negatives,
     sampled_softmax_cross_entropy,
 )
@@ -87,6 +88,54 @@ def test_chunked_cross_entropy_with_soft_targets_equals_unchunked(chunk_size, la
     for ours, theirs in ((s1.grad, s2.grad), (w1.grad, w2.grad)):
         assert (ours - theirs).abs().max() <= 1e-5
     assert torch.all(w1.grad[0] == 0), "the padding row gets no gradient"
+
+
+def test_tied_soft_targets_split_mass_over_the_rest_of_the_run():
+    targets = torch.tensor([[5, 6, 7, 8, 0], [9, 4, 0, 0, 0]])  # (B, S), 0 = no target
+    groups = torch.tensor([[1, 2, 2, 2, 0], [3, 4, 0, 0, 0]])  # 6, 7, 8 share a timestamp
+    ids, weights = tied_soft_targets(targets, groups)
+    assert ids.shape == (2, 5, 3)
+    assert weights[0, 0].tolist() == pytest.approx([1.0, 0.0, 0.0]), "an untied target keeps its mass"
+    assert ids[0, 1].tolist() == [6, 7, 8] and weights[0, 1].tolist() == pytest.approx([1 / 3] * 3)
+    assert ids[0, 2, :2].tolist() == [7, 8] and weights[0, 2].tolist() == pytest.approx([0.5, 0.5, 0.0])
+    assert weights[0, 3].tolist() == pytest.approx([1.0, 0.0, 0.0]), "the run's last event is its own target"
+    assert weights[0, 4].sum() == 0 and weights[1, 2:].sum() == 0, "padding has no target"
+    assert weights[1, :2].flatten().tolist() == pytest.approx([1.0, 0.0, 0.0] * 2)
+    plain_ids, plain_weights = tied_soft_targets(targets, torch.arange(1, 11).view(2, 5) * (targets != 0))
+    assert plain_ids.shape == (2, 5, 1), "no ties: the plain targets"
+
+
+def test_tied_targets_loss_is_the_mean_over_the_runs_orders():
+    """stage_a.ce.tied_targets: the loss of one order of a run equals the average, over the
+    run's orders, of the plain next-item loss of the positions whose input is the same."""
+    from llm_recommender.models.stage_a_model import build_model
+
+    config = load_config(None, [
+        "model.base_llm=gpt2", "model.random_init_stage_a_llm=true", "model.num_layers=1",
+        "model.hidden_size=16", "model.num_heads=2", "model.intermediate_size=32", "model.embedding_dim=16",
+        "model.max_seq_len=10", "model.dropout=0.0", "model.embedding_dropout=0.0", "model.use_user_token=false",
+        "stage_a.collaborative.use_bpr_loss=false", "stage_a.ce.tied_targets=true",
+    ])
+    torch.manual_seed(0)
+    model = build_model(config, num_users=3, num_items=12).eval()
+    # Input 3 then a run {5, 6, 7} (order unknown): positions 1.. predict the run's members.
+    batch = {"user_ids": torch.tensor([1]), "item_seq": torch.tensor([[3, 5, 6]]),
+             "targets": torch.tensor([[5, 6, 7]]), "target_groups": torch.tensor([[2, 2, 2]])}
+    tied = model.calculate_loss(batch)["cross_entropy"]
+    with torch.no_grad():
+        states = model(batch["user_ids"], batch["item_seq"])[0]  # (S, d)
+        log_probs = torch.log_softmax(states @ model.scoring_table()[1:].T, dim=-1)  # (S, I)
+    expected = (-(log_probs[0, [4, 5, 6]].mean()) - log_probs[1, [5, 6]].mean() - log_probs[2, 6]) / 3
+    assert float(tied) == pytest.approx(float(expected), rel=1e-5)
+    plain = model.calculate_loss({k: v for k, v in batch.items() if k != "target_groups"})["cross_entropy"]
+    assert float(plain) != pytest.approx(float(tied), rel=1e-3)
+
+
+def test_tied_targets_need_full_softmax_without_future_targets():
+    with pytest.raises(ConfigError, match="stage_a.ce.tied_targets"):
+        load_config(None, ["stage_a.ce.tied_targets=true", "stage_a.ce.mode=sampled"])
+    with pytest.raises(ConfigError, match="stage_a.ce.tied_targets"):
+        load_config(None, ["stage_a.ce.tied_targets=true", "stage_a.ce.future_targets=1", "stage_a.ce.future_weight=0.2"])
 
 
 def test_future_weight_needs_future_targets_and_full_softmax():

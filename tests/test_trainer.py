@@ -510,6 +510,36 @@ def test_tied_training_events_are_reordered_every_epoch_and_nothing_else_moves(t
     assert plain.num_tied_events == 0 and plain.items.tolist() == file_order
 
 
+def test_target_groups_follow_the_targets_through_shuffles_and_deletions(tmp_path):
+    """TrainWindows(tie_groups=True): each target carries its run id (shared by a user's
+    same-timestamp training events, own otherwise), with and without the user token, after a
+    shuffle of the ties and after deletions; 0 where there is no target."""
+    from llm_recommender.data.dataset import TrainWindows
+
+    from processed_helpers import write_processed
+
+    folder = tmp_path / "groups"
+    write_processed(folder, [[1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12]])
+    np.save(folder / "seq_timestamps.npy", np.array([0, 0, 0, 1, 2, 2, 2, 2, 2, 2, 2, 2], dtype=np.int64))
+    data = ProcessedData(folder)
+    tied = {1: "a", 2: "a", 3: "a", 4: "b", 5: "c", 8: "d", 9: "d", 10: "d"}  # item -> run (training)
+    for user_token, deletion in ((False, 0.0), (True, 0.0), (False, 0.5)):
+        windows = TrainWindows(data, 10, user_token, None, shuffle_ties=True, deletion_prob=deletion, tie_groups=True)
+        for epoch in range(1, 6):
+            windows.set_epoch(3, epoch)
+            batch = windows.batch(np.arange(len(windows)))
+            targets, groups = batch["targets"], batch["target_groups"]
+            assert groups.shape == targets.shape and np.all((groups == 0) == (targets == 0))
+            runs = {}
+            for item, group in zip(targets.ravel().tolist(), groups.ravel().tolist()):
+                if item:
+                    runs.setdefault(tied[item], set()).add(group)
+            assert all(len(ids) == 1 for ids in runs.values()), runs  # one id per run
+            assert len({next(iter(ids)) for ids in runs.values()}) == len(runs)  # runs differ
+    plain = TrainWindows(data, 10, False, None, shuffle_ties=True)
+    assert "target_groups" not in plain.batch(np.arange(len(plain)))
+
+
 def test_item_deletion_keeps_order_and_the_last_target_and_repeats_per_epoch(tmp_path):
     """stage_a.item_deletion_prob: each row is its window with events deleted (never the last,
     always one input left), in the original order; the same (seed, epoch, batch) deletes the

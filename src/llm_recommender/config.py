@@ -475,6 +475,12 @@ class CrossEntropyConfig:
     short span is noisy (reviews of the same day)."""
     future_weight: float = 0.0
     """Target mass on the ``future_targets`` later items (0 <= w < 1)."""
+    tied_targets: bool = False
+    """Full mode: a target that shares its timestamp with later events of its training window
+    shares its mass evenly with them. The data does not know the order of such a run, so the
+    next event is any of the run's remaining ones: the expected loss of
+    ``stage_a.shuffle_tied_events``' random order, without the noise of one draw. No effect on
+    data without ties."""
 
     def __post_init__(self) -> None:
         _check(self.chunk_size >= 1, "stage_a.ce.chunk_size", self.chunk_size, "must be >= 1")
@@ -497,6 +503,12 @@ class CrossEntropyConfig:
             "stage_a.ce.future_weight",
             self.future_weight,
             "needs stage_a.ce.future_targets >= 1 and stage_a.ce.mode: full",
+        )
+        _check(
+            not self.tied_targets or (self.mode == "full" and self.future_weight == 0),
+            "stage_a.ce.tied_targets",
+            self.tied_targets,
+            "needs stage_a.ce.mode: full and no stage_a.ce.future_weight",
         )
 
 

@@ -241,6 +241,10 @@ class TrainWindows:
         substitution_prob: data augmentation: each input item (never a target) is replaced
             with this probability by an item drawn uniformly from ``1..data.num_items``, anew
             in every epoch and batch, after the deletions.
+        tie_groups: batches also carry ``target_groups``: for each target, the id of its run of
+            same-timestamp events (a user's events with one timestamp share an id; every other
+            event has its own), so the loss can treat a run's order as unknown
+            (``stage_a.ce.tied_targets``).
     """
 
     def __init__(
@@ -252,6 +256,7 @@ class TrainWindows:
         shuffle_ties: bool = False,
         deletion_prob: float = 0.0,
         substitution_prob: float = 0.0,
+        tie_groups: bool = False,
     ) -> None:
         self.max_seq_len = int(max_seq_len)
         self.use_user_token = bool(use_user_token)
@@ -261,6 +266,8 @@ class TrainWindows:
         self.epoch_seed: tuple[int, int] = (0, 0)
         self.file_items = np.asarray(data.items)
         self.tied = _tied_training_events(data) if shuffle_ties else None
+        # 1-based so that 0 marks padding in target_groups.
+        self.event_groups = _event_groups(data) + 1 if tie_groups else None
         # With ties, a private copy whose tied positions set_epoch rewrites in place.
         self.items = self.file_items.copy() if self.num_tied_events else self.file_items
         starts = np.asarray(data.offsets)[:-1].astype(np.int64)
@@ -324,8 +331,9 @@ class TrainWindows:
         draws what the first run drew, and each augmentation draws independently."""
         return np.random.default_rng([*self.epoch_seed, stream, int(indices[0]), len(indices)])
 
-    def _delete_events(self, indices: np.ndarray, window: np.ndarray, length: np.ndarray):
-        """Delete each event but the last of every row with ``deletion_prob``; close up."""
+    def _delete_events(self, indices: np.ndarray, window: np.ndarray, length: np.ndarray, groups=None):
+        """Delete each event but the last of every row with ``deletion_prob``; close up
+        (``groups``, the window's run ids, if given, the same way)."""
         rng = self._batch_rng(0xDE1E7E, indices)
         column = np.arange(window.shape[1])[None, :]
         keep = (rng.random(window.shape) >= self.deletion_prob) | (column == (length - 1)[:, None])
@@ -333,8 +341,11 @@ class TrainWindows:
         no_input = keep.sum(axis=1) < 2
         keep[no_input, np.maximum(length[no_input] - 2, 0)] = True  # the event before the last
         order = np.argsort(~keep, axis=1, kind="stable")  # kept events first, in order
-        window = np.where(np.sort(~keep, axis=1), 0, np.take_along_axis(window, order, axis=1))
-        return window, keep.sum(axis=1)
+        dropped = np.sort(~keep, axis=1)
+        window = np.where(dropped, 0, np.take_along_axis(window, order, axis=1))
+        if groups is not None:
+            groups = np.where(dropped, 0, np.take_along_axis(groups, order, axis=1))
+        return window, keep.sum(axis=1), groups
 
     def _substitute_inputs(self, indices: np.ndarray, item_seq: np.ndarray) -> np.ndarray:
         """Replace each input item (padding stays padding) with ``substitution_prob`` by a
@@ -350,6 +361,8 @@ class TrainWindows:
         Returns:
             ``user_ids`` (B,), ``item_seq`` (B, T), ``targets`` (B, S) with T <= max_seq_len
             the longest input in the batch, S = T + 1 with the user token, else T; int64.
+            With ``tie_groups`` also ``target_groups`` (B, S): each target's run id, 0 where
+            there is no target.
         """
         indices = np.asarray(indices, dtype=np.int64)
         span = self.max_seq_len + 1
@@ -358,8 +371,11 @@ class TrainWindows:
         column = np.arange(span)[None, :]  # (1, span)
         gather = np.minimum(start[:, None] + column, len(self.items) - 1)  # (B, span)
         window = np.where(column < length[:, None], self.items[gather], 0).astype(np.int64)
+        groups = None
+        if self.event_groups is not None:
+            groups = np.where(column < length[:, None], self.event_groups[gather], 0).astype(np.int64)
         if self.deletion_prob > 0:
-            window, length = self._delete_events(indices, window, length)
+            window, length, groups = self._delete_events(indices, window, length, groups)
         # item_seq: w_1..w_{n-1}; position n-1 (the last item) is never an input.
         item_seq = np.where(column[:, :-1] < (length - 1)[:, None], window[:, :-1], 0)
         targets = window if self.use_user_token else window[:, 1:]
@@ -370,19 +386,30 @@ class TrainWindows:
         longest = int(length.max())
         item_seq = item_seq[:, : max(1, longest - 1)]
         targets = targets[:, : item_seq.shape[1] + (1 if self.use_user_token else 0)]
-        return {"user_ids": self.users[indices].copy(), "item_seq": item_seq, "targets": targets}
+        batch = {"user_ids": self.users[indices].copy(), "item_seq": item_seq, "targets": targets}
+        if groups is not None:
+            target_groups = groups if self.use_user_token else groups[:, 1:]
+            batch["target_groups"] = np.where(targets > 0, target_groups[:, : targets.shape[1]], 0)
+        return batch
 
 
-def _tied_training_events(data: ProcessedData) -> tuple[np.ndarray, np.ndarray]:
-    """Flat positions of the training events that share their user and timestamp with another
-    training event, and the id of each one's group (groups are contiguous runs)."""
+def _event_groups(data: ProcessedData) -> np.ndarray:
+    """Each event's run id (0-based, increasing): consecutive events of one user with one
+    timestamp, all training or all not, share an id; every other event has its own."""
     timestamps = np.asarray(data.timestamps)
     train = data.train_mask
     starts = np.asarray(data.offsets)[:-1]
     new_group = np.ones(len(timestamps), dtype=bool)
     new_group[1:] = (timestamps[1:] != timestamps[:-1]) | (train[1:] != train[:-1])
     new_group[starts[starts < len(timestamps)]] = True
-    groups = np.cumsum(new_group) - 1
+    return np.cumsum(new_group) - 1
+
+
+def _tied_training_events(data: ProcessedData) -> tuple[np.ndarray, np.ndarray]:
+    """Flat positions of the training events that share their user and timestamp with another
+    training event, and the id of each one's group (groups are contiguous runs)."""
+    train = data.train_mask
+    groups = _event_groups(data)
     sizes = np.bincount(groups)
     positions = np.flatnonzero(train & (sizes[groups] > 1))
     return positions, groups[positions]

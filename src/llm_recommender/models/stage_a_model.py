@@ -77,9 +77,13 @@ class _ChunkedSoftmaxCrossEntropy(torch.autograd.Function):
     def forward(ctx, states, weight, targets, target_weights, chunk_size, label_smoothing):
         num_positions = states.shape[0]
         num_classes = weight.shape[0] - 1  # real items 1..I
-        # Target logits and the mean logit are linear in the states: no logits needed.
         # targets (N, M) with target_weights (N, M) summing to 1 per row (M = 1: the plain target).
-        target_logit = ((states[:, None, :] * weight[targets]).sum(-1) * target_weights).sum(-1)  # (N,)
+        # One target: its logit is linear in the states, no logits needed. Several: picked from
+        # each chunk's logits (an (N, M, d) gather of item rows would cost M times the states).
+        if targets.shape[1] == 1:
+            target_logit = ((states[:, None, :] * weight[targets]).sum(-1) * target_weights).sum(-1)  # (N,)
+        else:
+            target_logit = states.new_empty(num_positions)  # (N,) filled chunk by chunk
         mean_logit = states @ weight[1:].mean(dim=0) if label_smoothing > 0 else None  # (N,)
         lse = states.new_empty(num_positions)  # (N,)
         ctx.probabilities = None
@@ -92,6 +96,10 @@ class _ChunkedSoftmaxCrossEntropy(torch.autograd.Function):
             end = min(start + chunk_size, num_positions)
             logits = _LOGITS_WORKSPACE.take(end - start, weight.shape[0], states, ctx.lease)  # (c, I+1)
             torch.mm(states[start:end], weight.T, out=logits)
+            if targets.shape[1] > 1:
+                shares = target_weights[start:end]  # (c, M); a share of 0 may hold id 0
+                picked = logits.gather(1, targets[start:end])  # (c, M)
+                target_logit[start:end] = torch.where(shares > 0, picked * shares, 0.0).sum(1)
             logits[:, 0] = float("-inf")  # padding is never a prediction
             if float(bound[start:end].max()) < _EXP_SAFE:
                 peak = logits.new_zeros(end - start, 1)  # (c, 1)
@@ -262,6 +270,37 @@ def future_soft_targets(targets: torch.Tensor, count: int, weight: float) -> tup
     later_weights = weight * present / available.clamp_min(1)  # (B, S, F)
     own = 1.0 - later_weights.sum(-1, keepdim=True)  # (B, S, 1)
     return torch.cat([targets[..., None], later], dim=-1), torch.cat([own, later_weights], dim=-1)
+
+
+def tied_soft_targets(targets: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft targets for events whose order within a timestamp is unknown.
+
+    A position whose target is one of a run of same-timestamp events has, as far as the data
+    knows, any of the run's events still to come as its next item: its mass is split evenly
+    over its own target and the run's later targets in the row. That is the expected loss under
+    a random order of the run (``stage_a.shuffle_tied_events``), without the noise of one draw.
+
+    Args:
+        targets: ``(B, S)`` next-item targets aligned with the output positions (0 = none).
+        groups: ``(B, S)`` each target's run id (runs are contiguous in a row; 0 = none).
+
+    Returns:
+        ``(B, S, M)`` item ids (column 0 the position's own target) and weights, each row
+        summing to 1 where the position has a target; M the longest remaining run (>= 1).
+    """
+    length = targets.shape[1]
+    padded_targets = F.pad(targets, (0, length))  # (B, 2S)
+    padded_groups = F.pad(groups, (0, length))  # (B, 2S)
+    ids, members = [targets], [targets != 0]
+    for offset in range(1, length):
+        same = (padded_groups[:, offset : offset + length] == groups) & members[-1]  # (B, S)
+        if not bool(same.any()):
+            break
+        ids.append(padded_targets[:, offset : offset + length])
+        members.append(same)
+    ids_t = torch.stack(ids, dim=-1)  # (B, S, M)
+    present = torch.stack(members, dim=-1).float()  # (B, S, M)
+    return ids_t, present / present.sum(-1, keepdim=True).clamp_min(1.0)
 
 
 def sampled_softmax_cross_entropy(
@@ -698,6 +737,10 @@ class StageAModel(nn.Module):
                         targets, ce_config.future_targets, ce_config.future_weight
                     )  # (B, S, 1+F) each
                     soft_targets, soft_weights = soft_targets[valid], soft_weights[valid]  # (N, 1+F)
+                elif ce_config.tied_targets and "target_groups" in batch:
+                    tied_ids, tied_weights = tied_soft_targets(targets, batch["target_groups"])  # (B, S, M)
+                    if tied_ids.shape[-1] > 1:  # a batch without ties keeps the plain targets
+                        soft_targets, soft_weights = tied_ids[valid], tied_weights[valid]  # (N, M)
                 cross_entropy = chunked_cross_entropy(
                     query, self.scoring_table(), soft_targets, chunk, ce_config.label_smoothing, soft_weights
                 )
@@ -841,6 +884,7 @@ __all__: list[Any] = [
     "count_parameters",
     "chunked_cross_entropy",
     "sampled_softmax_cross_entropy",
+    "tied_soft_targets",
     "sample_negatives",
     "bpr_loss",
     "keep_recent",

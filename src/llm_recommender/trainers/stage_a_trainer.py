@@ -216,6 +216,7 @@ class StageATrainer:
             shuffle_ties=config.stage_a.shuffle_tied_events,
             deletion_prob=config.stage_a.item_deletion_prob,
             substitution_prob=config.stage_a.item_substitution_prob,
+            tie_groups=config.stage_a.ce.tied_targets,
         )
         self.global_batch = config.stage_a.batch_size * self.world
         targets_per_window = self.windows.expected_targets  # (windows,)
