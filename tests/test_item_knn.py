@@ -60,6 +60,13 @@ def test_cooccurrence_counts_by_hand(tmp_path):
     assert {(3, 4), (4, 3), (1, 6), (6, 1)} <= pairs
     assert not any(8 in pair or 5 in pair or 7 in pair for pair in pairs)  # test events never
     assert with_valid.counts_validation_events and not table.counts_validation_events
+    # Forward only: a history item votes for the items that came after it, never before.
+    forward = ItemCooccurrence.from_data(data, include_valid=False, window=1, history=1, decay=1.0,
+                                         direction="forward")
+    forward_got = {(int(k) // 9, int(k) % 9): float(v) for k, v in zip(forward.keys, forward.values)}
+    assert set(forward_got) == {(1, 2), (2, 3), (3, 1)} and forward.info["direction"] == "forward"
+    assert forward_got[(2, 3)] == pytest.approx(_cosine_value(3, 3, 3), rel=1e-6)
+    assert forward_got[(1, 2)] == pytest.approx(_cosine_value(2, 3, 3), rel=1e-6)
     # A wider window reaches two events apart: 1 and 3 also co-occur in both 1 2 3.
     wide = ItemCooccurrence.from_data(data, include_valid=False, window=2, history=1, decay=1.0)
     wide_got = {(int(k) // 9, int(k) % 9): float(v) for k, v in zip(wide.keys, wide.values)}
@@ -154,6 +161,8 @@ def test_staged_run_validates_refits_and_fuses(tiny_data, tmp_path):  # noqa: F8
     assert final["epoch"] == validated["best_epoch"] == summary["best_epoch"]  # the refit's length
     assert "item_knn.safetensors" in final["files"]
 
+    assert validated["item_knn"]["direction"] == final["item_knn"]["direction"] == "both"
+
     data = ProcessedData(tiny_data)
     model, saved, _ = load_checkpoint(run / "best_model")
     assert model.item_knn is not None and model.item_knn.counts_validation_events
@@ -203,6 +212,25 @@ def test_staged_run_validates_refits_and_fuses(tiny_data, tmp_path):  # noqa: F8
 
 
 @pytest.mark.slow
+def test_auto_direction_keeps_what_validation_prefers(tiny_data, tmp_path):  # noqa: F811
+    """model.item_knn.direction=auto: both tables at every weight on validation; the best
+    (direction, weight) is fused, recorded, and rebuilt over training + validation events."""
+    run = tmp_path / "auto"
+    config = _config("stage_a.epochs=2", "model.item_knn.enabled=true", "stage_a.refit_on_valid=true",
+                     "model.item_knn.weight_grid=[0, 1, 4]", "model.item_knn.direction=auto")
+    train_stage_a(config, tiny_data, run)
+    validated = json.loads((run / "validated_model" / "checkpoint.json").read_text())
+    final = json.loads((run / "best_model" / "checkpoint.json").read_text())
+    grid = validated["item_knn_valid_ndcg10"]
+    assert set(grid) == {f"{d} {w}" for d in ("both", "forward") for w in (0, 1, 4)}
+    direction, weight = max(grid, key=lambda k: (grid[k], -float(k.split()[1]), k.split()[0] != "both")).split()
+    assert validated["item_knn"]["weight"] == float(weight)
+    assert validated["item_knn"]["direction"] == final["item_knn"]["direction"] == direction
+    assert final["item_knn"]["events"] == "train+valid"
+    with pytest.raises(ConfigError, match="model.item_knn.direction=auto"):
+        ItemKNNBaseline(ProcessedData(tiny_data), settings=config.model.item_knn)
+
+
 def test_staged_run_over_two_processes(tiny_data, tmp_path):  # noqa: F811
     """The validated run, the tuning on rank 0 and the refit work under 2 gloo processes."""
     from test_trainer import TINY, _launch_two

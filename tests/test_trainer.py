@@ -540,6 +540,38 @@ def test_target_groups_follow_the_targets_through_shuffles_and_deletions(tmp_pat
     assert "target_groups" not in plain.batch(np.arange(len(plain)))
 
 
+def test_window_reversal_reads_some_windows_backwards_anew_every_epoch(tmp_path):
+    """stage_a.window_reversal_prob: a reversed row is its window read backwards (inputs and
+    targets), padding at the end; the same (seed, epoch, batch) reverses the same rows."""
+    from llm_recommender.data.dataset import TrainWindows
+
+    from processed_helpers import write_processed
+
+    folder = tmp_path / "rev"
+    write_processed(folder, [list(range(1 + 10 * u, 1 + 10 * u + n)) for u, n in enumerate([8, 5, 4, 6])])
+    data = ProcessedData(folder)
+    windows = TrainWindows(data, max_seq_len=10, use_user_token=False, windows_per_user=None, reversal_prob=0.5)
+    rows = np.arange(len(windows))
+    plain = TrainWindows(data, max_seq_len=10, use_user_token=False, windows_per_user=None).batch(rows)
+    patterns = set()
+    for epoch in range(8):
+        windows.set_epoch(5, epoch)
+        batch = windows.batch(rows)
+        again = windows.batch(rows)
+        assert all(np.array_equal(batch[k], again[k]) for k in batch)
+        flipped = []
+        for r in rows:
+            n = int((plain["targets"][r] != 0).sum())
+            events = [int(plain["item_seq"][r, 0]), *plain["targets"][r, :n].tolist()]
+            got = [int(batch["item_seq"][r, 0]), *batch["targets"][r, :n].tolist()]
+            assert got in (events, events[::-1])
+            assert np.array_equal(batch["item_seq"][r, :n], np.array(got[:-1]))
+            assert not batch["targets"][r, n:].any()
+            flipped.append(got != events)
+        patterns.add(tuple(flipped))
+    assert len(patterns) > 2
+
+
 def test_item_deletion_keeps_order_and_the_last_target_and_repeats_per_epoch(tmp_path):
     """stage_a.item_deletion_prob: each row is its window with events deleted (never the last,
     always one input left), in the original order; the same (seed, epoch, batch) deletes the

@@ -167,7 +167,13 @@ class ItemKNNConfig:
     weight_grid: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0])
     """Candidate weights for ``weight: null``."""
     window: int = 10
-    """Events apart in a user's sequence that still count as co-occurring (either order)."""
+    """Events apart in a user's sequence that still count as co-occurring."""
+    direction: Literal["both", "forward", "auto"] = "both"
+    """``both``: a history item votes for the items within ``window`` events of it in either
+    order; ``forward``: only for those that came after it (on Beauty item-kNN alone scores
+    0.0547 full NDCG@10 forward, 0.0460 both ways; on MovieLens-100k, whose rating sessions
+    have little order, 0.1088 and 0.1189); ``auto``: tries both with every weight and keeps
+    what validation prefers (recorded in checkpoint.json)."""
     history: int = 10
     """Most recent history items that vote for their neighbours."""
     decay: float = 0.8
@@ -590,6 +596,12 @@ class StageAConfig:
     stay the true events (a denoising task: predict the next real item from a noisy
     history). Applied after ``item_deletion_prob``. Validation and test histories are never
     touched."""
+    window_reversal_prob: float = 0.0
+    """Data augmentation: each training window is read in reverse order with this
+    probability, anew every epoch (after ``item_deletion_prob``): the network also learns
+    which items come *before* a history item. Item-kNN counts co-occurrence in both orders,
+    and on logs whose order is weak (MovieLens rating sessions) that is what it leads the
+    network by. Validation and test histories are never touched."""
     last_batch: Literal["drop", "fill"] = "drop"
     """The epoch's last, partial batch: ``drop`` skips those examples (a different remainder
     every epoch); ``fill`` completes the batch with examples from the start of the epoch's
@@ -658,6 +670,12 @@ class StageAConfig:
             "stage_a.item_substitution_prob",
             self.item_substitution_prob,
             "must be in [0, 1)",
+        )
+        _check(
+            0 <= self.window_reversal_prob <= 1,
+            "stage_a.window_reversal_prob",
+            self.window_reversal_prob,
+            "must be in [0, 1]",
         )
         _check(0 <= self.min_lr_ratio <= 1, "stage_a.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         _check(self.lr_decay_patience >= 0, "stage_a.lr_decay_patience", self.lr_decay_patience, "must be >= 0")

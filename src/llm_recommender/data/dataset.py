@@ -241,6 +241,8 @@ class TrainWindows:
         substitution_prob: data augmentation: each input item (never a target) is replaced
             with this probability by an item drawn uniformly from ``1..data.num_items``, anew
             in every epoch and batch, after the deletions.
+        reversal_prob: data augmentation: each window is read in reverse order (after the
+            deletions) with this probability, anew in every epoch and batch.
         tie_groups: batches also carry ``target_groups``: for each target, the id of its run of
             same-timestamp events (a user's events with one timestamp share an id; every other
             event has its own), so the loss can treat a run's order as unknown
@@ -257,11 +259,13 @@ class TrainWindows:
         deletion_prob: float = 0.0,
         substitution_prob: float = 0.0,
         tie_groups: bool = False,
+        reversal_prob: float = 0.0,
     ) -> None:
         self.max_seq_len = int(max_seq_len)
         self.use_user_token = bool(use_user_token)
         self.deletion_prob = float(deletion_prob)
         self.substitution_prob = float(substitution_prob)
+        self.reversal_prob = float(reversal_prob)
         self.num_items = int(data.num_items)
         self.epoch_seed: tuple[int, int] = (0, 0)
         self.file_items = np.asarray(data.items)
@@ -347,6 +351,18 @@ class TrainWindows:
             groups = np.where(dropped, 0, np.take_along_axis(groups, order, axis=1))
         return window, keep.sum(axis=1), groups
 
+    def _reverse_windows(self, indices: np.ndarray, window: np.ndarray, length: np.ndarray, groups=None):
+        """Reverse the events of each row with ``reversal_prob`` (padding stays at the end;
+        ``groups``, if given, the same way)."""
+        rng = self._batch_rng(0x4E7E, indices)
+        flip = rng.random(len(indices)) < self.reversal_prob  # (B,)
+        column = np.arange(window.shape[1])[None, :]
+        source = np.where(flip[:, None] & (column < length[:, None]), length[:, None] - 1 - column, column)
+        window = np.take_along_axis(window, source, axis=1)
+        if groups is not None:
+            groups = np.take_along_axis(groups, source, axis=1)
+        return window, groups
+
     def _substitute_inputs(self, indices: np.ndarray, item_seq: np.ndarray) -> np.ndarray:
         """Replace each input item (padding stays padding) with ``substitution_prob`` by a
         uniformly drawn item."""
@@ -376,6 +392,8 @@ class TrainWindows:
             groups = np.where(column < length[:, None], self.event_groups[gather], 0).astype(np.int64)
         if self.deletion_prob > 0:
             window, length, groups = self._delete_events(indices, window, length, groups)
+        if self.reversal_prob > 0:
+            window, groups = self._reverse_windows(indices, window, length, groups)
         # item_seq: w_1..w_{n-1}; position n-1 (the last item) is never an input.
         item_seq = np.where(column[:, :-1] < (length - 1)[:, None], window[:, :-1], 0)
         targets = window if self.use_user_token else window[:, 1:]

@@ -149,7 +149,13 @@ class ItemKNNBaseline(_TableBaseline):
     def __init__(self, data: ProcessedData, include_valid: bool = False, settings=None) -> None:
         from ..config import ItemKNNConfig
 
-        self.table = ItemCooccurrence.from_config(data, include_valid, settings or ItemKNNConfig())
+        settings = settings or ItemKNNConfig()
+        if settings.direction == "auto":
+            raise ConfigError(
+                "model.item_knn.direction=auto chooses on a trained model's validation; the itemknn "
+                "baseline needs both or forward"
+            )
+        self.table = ItemCooccurrence.from_config(data, include_valid, settings)
         popularity = data.item_popularity(include_valid=include_valid).astype(np.float64)
         # Below the smallest similarity (log1p(scale * cosine) of one co-occurrence): ties only.
         self.backoff = torch.from_numpy(1e-6 * popularity / (popularity.max() + 1.0)).float()  # (I+1,)

@@ -32,6 +32,9 @@ import torch
 from ..errors import CheckpointError
 
 
+DIRECTIONS = ("both", "forward")
+
+
 def history_tail(item_seq: torch.Tensor, count: int) -> torch.Tensor:
     """The last ``count`` items of each padded row, most recent first: ``(B, T)`` -> ``(B, count)``.
 
@@ -46,9 +49,11 @@ def history_tail(item_seq: torch.Tensor, count: int) -> torch.Tensor:
     return tail
 
 
-def _pairs_within_window(items: np.ndarray, owners: np.ndarray, allowed: np.ndarray, window: int, stride: int):
-    """Unique (src, dst) keys of items within ``window`` events of each other, both orders,
-    with their counts. One int64 per pair occurrence, sorted in place: Kindle scale (8M
+def _pairs_within_window(
+    items: np.ndarray, owners: np.ndarray, allowed: np.ndarray, window: int, stride: int, both_orders: bool = True
+):
+    """Unique (src, dst) keys of items within ``window`` events of each other, both orders
+    (``both_orders=False``: only src earlier than dst), with their counts. One int64 per pair occurrence, sorted in place: Kindle scale (8M
     events, window 10: 150M occurrences, 74M distinct pairs) peaks at ~3 GiB."""
     pieces = []
     for gap in range(1, window + 1):
@@ -58,7 +63,7 @@ def _pairs_within_window(items: np.ndarray, owners: np.ndarray, allowed: np.ndar
         a, b = items[first[ok]], items[second[ok]]
         distinct = a != b  # an item repeated within a window is not its own neighbour
         a, b = a[distinct], b[distinct]
-        pieces += [a * stride + b, b * stride + a]
+        pieces += [a * stride + b, b * stride + a] if both_orders else [a * stride + b]
     keys = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
     del pieces
     keys.sort()
@@ -126,6 +131,7 @@ class ItemCooccurrence:
         decay: float = 0.8,
         scale: float = 10.0,
         max_neighbors: int | None = None,
+        direction: str = "both",
     ) -> "ItemCooccurrence":
         """Count co-occurrences in a :class:`~llm_recommender.data.dataset.ProcessedData`.
 
@@ -138,14 +144,18 @@ class ItemCooccurrence:
             decay: see the class.
             scale: similarity is ``log1p(scale * cosine)``.
             max_neighbors: keep each item's most similar neighbours only (``None``: all).
+            direction: ``both``: a history item votes for the items near it in either order;
+                ``forward``: only for those that came after it in other sequences.
         """
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
         items = np.asarray(data.items).astype(np.int64)
         offsets = np.asarray(data.offsets).astype(np.int64)
         labels = np.asarray(data.split_labels)
         allowed = labels <= (1 if include_valid else 0)
         owners = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
         stride = data.num_items + 1
-        keys, counts = _pairs_within_window(items, owners, allowed, int(window), stride)
+        keys, counts = _pairs_within_window(items, owners, allowed, int(window), stride, direction == "both")
         occurrences = np.bincount(items[allowed], minlength=stride).astype(np.float64) + 1.0  # smoothed
         values = _similarities(keys, counts, occurrences, stride, scale)
         del counts
@@ -158,6 +168,7 @@ class ItemCooccurrence:
         info = {
             "events": "train+valid" if include_valid else "train",
             "window": int(window),
+            "direction": direction,
             "scale": float(scale),
             "max_neighbors": max_neighbors,
             "pairs": int(len(keys)),
@@ -166,10 +177,15 @@ class ItemCooccurrence:
                    history, decay, info)
 
     @classmethod
-    def from_config(cls, data, include_valid: bool, settings) -> "ItemCooccurrence":
-        """:meth:`from_data` with an :class:`~llm_recommender.config.ItemKNNConfig`'s settings."""
+    def from_config(cls, data, include_valid: bool, settings, direction: str | None = None) -> "ItemCooccurrence":
+        """:meth:`from_data` with an :class:`~llm_recommender.config.ItemKNNConfig`'s settings;
+        ``direction`` overrides ``settings.direction`` (required when that is ``auto``)."""
+        direction = direction or settings.direction
+        if direction == "auto":
+            raise ValueError("model.item_knn.direction=auto: give the direction validation chose")
         return cls.from_data(data, include_valid, window=settings.window, history=settings.history,
-                             decay=settings.decay, scale=settings.scale, max_neighbors=settings.max_neighbors)
+                             decay=settings.decay, scale=settings.scale, max_neighbors=settings.max_neighbors,
+                             direction=direction)
 
     @property
     def counts_validation_events(self) -> bool:

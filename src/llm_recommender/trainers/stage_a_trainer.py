@@ -216,6 +216,7 @@ class StageATrainer:
             shuffle_ties=config.stage_a.shuffle_tied_events,
             deletion_prob=config.stage_a.item_deletion_prob,
             substitution_prob=config.stage_a.item_substitution_prob,
+            reversal_prob=config.stage_a.window_reversal_prob,
             tie_groups=config.stage_a.ce.tied_targets,
         )
         self.global_batch = config.stage_a.batch_size * self.world
@@ -973,25 +974,30 @@ def _save_validated_model(config: Config, data_dir: Path, output_dir: Path, summ
     knn = config.model.item_knn
     extra: dict[str, Any] = {"summary": summary}
     if knn.enabled:
-        started = time.perf_counter()
-        table = ItemCooccurrence.from_config(data, include_valid=False, settings=knn)
-        print(f"item_knn: {table.info['pairs']:,} neighbour pairs from training events "
-              f"({time.perf_counter() - started:.1f}s)", flush=True)
         stage_a = config.stage_a
         grid = [knn.weight] if knn.weight is not None else sorted(set(knn.weight_grid))
-        by_weight = {}
-        for weight in grid:
-            model.attach_item_knn(table, weight)
-            result = evaluate(model, data, "valid", config.evaluation, config.model.max_seq_len,
-                              protocols=(stage_a.eval_protocol,), max_users=stage_a.eval_max_users)
-            by_weight[weight] = float(result[stage_a.eval_protocol]["NDCG@10"])
-            print(f"item_knn: weight {weight:g}: valid NDCG@10 {by_weight[weight]:.4f}", flush=True)
-        best = max(grid, key=lambda w: (by_weight[w], -w))  # ties: the smaller weight
-        model.attach_item_knn(table, best)
-        extra["item_knn_valid_ndcg10"] = {f"{w:g}": v for w, v in by_weight.items()}
-        extra["metrics"] = {**info.get("metrics", {}), "NDCG@10_fused": by_weight[best]}
-        print(f"item_knn: weight {best:g} (validation NDCG@10 {by_weight[best]:.4f}, model alone "
-              f"{info.get('metrics', {}).get('NDCG@10', float('nan')):.4f})", flush=True)
+        directions = ["both", "forward"] if knn.direction == "auto" else [knn.direction]
+        tables, scores = {}, {}  # scores: (direction, weight) -> validation NDCG@10
+        for direction in directions:
+            started = time.perf_counter()
+            tables[direction] = table = ItemCooccurrence.from_config(data, False, knn, direction)
+            print(f"item_knn: {table.info['pairs']:,} neighbour pairs ({direction}) from training events "
+                  f"({time.perf_counter() - started:.1f}s)", flush=True)
+            for weight in grid:
+                model.attach_item_knn(table, weight)
+                result = evaluate(model, data, "valid", config.evaluation, config.model.max_seq_len,
+                                  protocols=(stage_a.eval_protocol,), max_users=stage_a.eval_max_users)
+                scores[direction, weight] = float(result[stage_a.eval_protocol]["NDCG@10"])
+                print(f"item_knn: {direction}, weight {weight:g}: valid NDCG@10 {scores[direction, weight]:.4f}",
+                      flush=True)
+        # Ties: the smaller weight, then both directions (the order of `directions`).
+        direction, best = max(scores, key=lambda k: (scores[k], -k[1], -directions.index(k[0])))
+        model.attach_item_knn(tables[direction], best)
+        label = (lambda d, w: f"{w:g}") if len(directions) == 1 else (lambda d, w: f"{d} {w:g}")
+        extra["item_knn_valid_ndcg10"] = {label(d, w): v for (d, w), v in scores.items()}
+        extra["metrics"] = {**info.get("metrics", {}), "NDCG@10_fused": scores[direction, best]}
+        print(f"item_knn: {direction}, weight {best:g} (validation NDCG@10 {scores[direction, best]:.4f}, "
+              f"model alone {info.get('metrics', {}).get('NDCG@10', float('nan')):.4f})", flush=True)
     keep = {k: info[k] for k in ("epoch", "global_step", "metrics", "best_epoch", "trained_on") if k in info}
     save_checkpoint(output_dir / VALIDATED_MODEL, model, config, {**keep, **extra}, data_dir,
                     data_fingerprint=data.fingerprint)
@@ -1014,7 +1020,8 @@ def _save_final_model(config: Config, data_dir: Path, output_dir: Path, source: 
     }
     if knn.enabled:
         weight = float(validated["item_knn"]["weight"])
-        table = ItemCooccurrence.from_config(data, include_valid=True, settings=knn)
+        direction = validated["item_knn"].get("direction", "both")  # what validation chose
+        table = ItemCooccurrence.from_config(data, True, knn, direction)
         model.attach_item_knn(table, weight)
         extra["item_knn_valid_ndcg10"] = validated.get("item_knn_valid_ndcg10")
     keep = {k: info[k] for k in ("epoch", "global_step", "trained_on") if k in info}
