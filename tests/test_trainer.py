@@ -376,6 +376,18 @@ def test_all_windows_make_every_training_event_a_target_once(tiny_data):
     assert len(windows) == expected_windows > len(one)
 
 
+def test_resuming_an_early_stopped_run_trains_nothing_more(tiny_data, tmp_path):
+    config = _config("stage_a.epochs=40", "stage_a.patience=1", "stage_a.eval_every_epochs=1",
+                     "stage_a.eval_max_users=50")
+    first = train_stage_a(config, tiny_data, tmp_path / "run")
+    assert first["stopped"].startswith("early stopping") and first["epochs"] < 40
+    log = (tmp_path / "run" / "metrics.jsonl").read_text()
+    again = train_stage_a(config, tiny_data, tmp_path / "run", resume=True)
+    assert again["global_step"] == first["global_step"] and again["epochs"] == first["epochs"]
+    assert again["stopped"] == first["stopped"] and again["best_epoch"] == first["best_epoch"]
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == log
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tiny_data, tmp_path):
     result = _run_cli(["train", "--data_dir", str(tiny_data), "--output_dir", str(tmp_path / "none"), "--resume"])
     assert result.returncode == 2

@@ -696,6 +696,8 @@ class StageATrainer:
         started = time.time()
         budget = cfg.max_train_minutes
         deadline = started + budget * 60 - self.train_seconds if budget is not None else None
+        if cfg.patience and self.bad_epochs >= cfg.patience:  # a resumed run that had stopped
+            self.stopped_reason = f"early stopping: no better validation NDCG@10 for {cfg.patience} validations"
         try:
             while (
                 self.epoch < cfg.epochs
