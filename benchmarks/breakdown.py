@@ -1,7 +1,7 @@
 """Where a model wins or loses against item-kNN: full-ranking NDCG@10 per group of users.
 
     python benchmarks/breakdown.py --data_dir DATA --model NAME=CHECKPOINT [--model ...]
-        [--network NAME=CHECKPOINT ...] [--split test] [--threads 1] [--name NAME]
+        [--network NAME=CHECKPOINT ...] [--split test] [--knn_direction both] [--threads 1] [--name NAME]
 
 ``--model`` scores a checkpoint as it is (with its neighbour table, if it has one);
 ``--network`` scores it without the table: the network alone.
@@ -67,6 +67,8 @@ def main() -> None:
     parser.add_argument("--network", action="append", default=[], metavar="NAME=CHECKPOINT",
                         help="a checkpoint scored without its neighbour table, repeatable")
     parser.add_argument("--split", choices=("valid", "test"), default="test")
+    parser.add_argument("--knn_direction", choices=("both", "forward"), default="both",
+                        help="item-kNN's co-occurrence: either order (the baseline) or forward only")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--name", default=None, help="result file suffix (default: the data folder's name)")
     args = parser.parse_args()
@@ -74,7 +76,7 @@ def main() -> None:
     import torch
 
     from llm_recommender.checkpoint import load_checkpoint
-    from llm_recommender.config import EvaluationConfig
+    from llm_recommender.config import EvaluationConfig, ItemKNNConfig
     from llm_recommender.data.dataset import ProcessedData
     from llm_recommender.errors import LLMRecError
     from llm_recommender.evaluation.baselines import get_baseline
@@ -105,7 +107,7 @@ def main() -> None:
             result = evaluate(model, data, args.split, eval_config, max_len, protocols=("full",), return_ranks=True)
             scores[name] = (result["users"], ndcg_at_k(result["ranks"]["full"], 10))
         baseline = "itemknn_with_valid" if args.split == "test" else "itemknn"
-        knn = get_baseline(baseline, data, split=args.split)
+        knn = get_baseline(baseline, data, split=args.split, settings=ItemKNNConfig(direction=args.knn_direction))
         result = evaluate(knn, data, args.split, eval_config, max_len, protocols=("full",), return_ranks=True)
         scores["item-kNN"] = (result["users"], ndcg_at_k(result["ranks"]["full"], 10))
     except LLMRecError as exc:
@@ -136,7 +138,7 @@ def main() -> None:
     write_result(
         f"breakdown_{args.name or Path(args.data_dir).name}",
         {"split": args.split, "data_dir": str(args.data_dir), "models": {k: {"checkpoint": str(p), "network_alone": alone} for k, (p, alone) in models.items()},
-         "item_knn": baseline, "groups": table, "command": " ".join(sys.argv), "machine": machine()},
+         "item_knn": baseline, "item_knn_direction": args.knn_direction, "groups": table, "command": " ".join(sys.argv), "machine": machine()},
     )
 
 
