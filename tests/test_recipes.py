@@ -24,7 +24,8 @@ def test_a_recipe_stops_on_validation_not_on_the_clock(name):
 def test_the_whole_recipe_is_the_network_recipe_plus_neighbours_and_refit():
     whole = dataclasses.asdict(load_config(CONFIG / "beauty.yaml"))
     network = dataclasses.asdict(
-        load_config(CONFIG / "sasrec_size.yaml", ["model.item_knn.enabled=true", "stage_a.refit_on_valid=true"])
+        load_config(CONFIG / "sasrec_size.yaml", ["model.item_knn.enabled=true", "model.item_knn.direction=auto",
+                                                  "stage_a.refit_on_valid=true"])
     )
     assert whole == network
 
