@@ -1,7 +1,8 @@
 """Item co-occurrence neighbours: a non-parametric item-kNN scorer, fused with the model.
 
 Two items are neighbours when they occur within ``window`` events of each other in some
-user's sequence, in either order. Their similarity is the cosine of the co-occurrence
+user's sequence, in either order (``direction: forward``: ``i`` is a neighbour of ``h`` only
+where it came after ``h``; ``auto`` lets validation choose). Their similarity is the cosine of the co-occurrence
 counts, ``c_ij / sqrt((n_i + 1)(n_j + 1))``, stored as ``log1p(scale * cosine)``. A user with
 history ``h_1..h_T`` scores item ``i`` as
 
@@ -9,7 +10,10 @@ history ``h_1..h_T`` scores item ``i`` as
 
 (the last ``history`` items, the most recent weighted most). The fused score of
 :class:`~llm_recommender.models.stage_a_model.StageAModel` is ``logits + weight * knn``;
-the weight is chosen on validation (``model.item_knn.weight: null``).
+the weight is chosen on validation (``model.item_knn.weight: null``). Which direction
+suits a log depends on how much its order says: on Beauty forward-only neighbours score
+0.0547 full NDCG@10 alone against 0.0460 both ways; on MovieLens-100k, whose rating sessions
+have little order, 0.1088 against 0.1189.
 
 Why it is here: on sparse data (Amazon Beauty: 8.9 events per user) the next-item model
 learns the order of events well and their co-occurrence poorly; review order within a
@@ -53,8 +57,9 @@ def _pairs_within_window(
     items: np.ndarray, owners: np.ndarray, allowed: np.ndarray, window: int, stride: int, both_orders: bool = True
 ):
     """Unique (src, dst) keys of items within ``window`` events of each other, both orders
-    (``both_orders=False``: only src earlier than dst), with their counts. One int64 per pair occurrence, sorted in place: Kindle scale (8M
-    events, window 10: 150M occurrences, 74M distinct pairs) peaks at ~3 GiB."""
+    (``both_orders=False``: only src earlier than dst), with their counts. One int64 per pair
+    occurrence, sorted in place: Kindle scale (8M events, window 10: 150M occurrences, 74M
+    distinct pairs) peaks at ~3 GiB."""
     pieces = []
     for gap in range(1, window + 1):
         first = np.arange(len(items) - gap)
