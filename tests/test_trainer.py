@@ -584,6 +584,30 @@ def test_window_reversal_reads_some_windows_backwards_anew_every_epoch(tmp_path)
     assert len(patterns) > 2
 
 
+def test_window_reversal_weak_order_reads_the_order_strength_off_item_knn(tmp_path):
+    """stage_a.window_reversal=weak_order: reversal only where item-kNN validates higher
+    counting both orders than forward only: off for chains read one way, on for baskets whose
+    order is random; a function of the data, the same for the refit."""
+    from llm_recommender.trainers.stage_a_trainer import StageATrainer, order_strength
+
+    from processed_helpers import write_processed
+
+    chains = [list(range(k, k + 6)) for k in range(1, 31)]  # every user walks the same chain
+    rng = np.random.default_rng(0)
+    baskets = [[int(i) for i in rng.permutation(np.arange(1, 7) + 6 * (u % 6))[:5]] for u in range(30)]
+    config = _config("stage_a.window_reversal_prob=0.5", "stage_a.window_reversal=weak_order", "stage_a.last_batch=fill")
+    strong = order_strength(config, write_processed(tmp_path / "chains", chains).path)
+    weak = order_strength(config, write_processed(tmp_path / "baskets", baskets).path)
+    assert not strong["weak"] and weak["weak"], (strong, weak)
+    off = StageATrainer(config, tmp_path / "chains", tmp_path / "run_off")
+    on = StageATrainer(config, tmp_path / "baskets", tmp_path / "run_on")
+    refit = StageATrainer(config, tmp_path / "baskets", tmp_path / "refit", train_through="valid")
+    assert off.windows.reversal_prob == 0.0 and on.windows.reversal_prob == 0.5 == refit.windows.reversal_prob
+    always = StageATrainer(_config("stage_a.window_reversal_prob=0.5", "stage_a.last_batch=fill"), tmp_path / "chains",
+                           tmp_path / "run")
+    assert always.windows.reversal_prob == 0.5 and always.order_check is None
+
+
 def test_item_deletion_keeps_order_and_the_last_target_and_repeats_per_epoch(tmp_path):
     """stage_a.item_deletion_prob: each row is its window with events deleted (never the last,
     always one input left), in the original order; the same (seed, epoch, batch) deletes the

@@ -602,6 +602,12 @@ class StageAConfig:
     which items come *before* a history item. Item-kNN counts co-occurrence in both orders,
     and on logs whose order is weak (MovieLens rating sessions) that is what it leads the
     network by. Validation and test histories are never touched."""
+    window_reversal: Literal["always", "weak_order"] = "always"
+    """When ``window_reversal_prob`` applies: ``always``, or ``weak_order``: only on data whose
+    order says little, where item-kNN of the training events scores higher on validation (full
+    NDCG@10) counting co-occurrence in both orders than forward only. Both are measured before
+    training (seconds; the same for the refit) and printed. MovieLens' rating sessions pass,
+    Amazon Beauty and Wikipedia (whose order carries the signal) do not."""
     last_batch: Literal["drop", "fill"] = "drop"
     """The epoch's last, partial batch: ``drop`` skips those examples (a different remainder
     every epoch); ``fill`` completes the batch with examples from the start of the epoch's

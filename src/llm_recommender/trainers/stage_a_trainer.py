@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -208,6 +209,13 @@ class StageATrainer:
         self.stop_after_epochs = stop_after_epochs
         self.replayed_decays = sorted(lr_decay_epochs or [])
         self.lr_decay_epochs: list[int] = []  # epochs after which the learning rate was decayed
+        reversal_prob = config.stage_a.window_reversal_prob
+        self.order_check: dict[str, Any] | None = None
+        if reversal_prob > 0 and config.stage_a.window_reversal == "weak_order":
+            self.order_check = order_strength(config, self.data_dir)
+            if not self.order_check["weak"]:
+                reversal_prob = 0.0
+        self.reversal_prob = reversal_prob
         self.windows = TrainWindows(
             self.data,
             config.model.max_seq_len,
@@ -216,7 +224,7 @@ class StageATrainer:
             shuffle_ties=config.stage_a.shuffle_tied_events,
             deletion_prob=config.stage_a.item_deletion_prob,
             substitution_prob=config.stage_a.item_substitution_prob,
-            reversal_prob=config.stage_a.window_reversal_prob,
+            reversal_prob=reversal_prob,
             tie_groups=config.stage_a.ce.tied_targets,
         )
         self.global_batch = config.stage_a.batch_size * self.world
@@ -751,6 +759,7 @@ class StageATrainer:
             self.best_epoch = self.epoch
             self._save("best_model", {}, with_state=False)
         summary = {
+            **({"window_reversal": {**self.order_check, "prob": self.reversal_prob}} if self.order_check else {}),
             "best_epoch": self.best_epoch,
             "best_valid_ndcg10": self.best_metric,
             "epochs": self.epoch,
@@ -844,6 +853,14 @@ class StageATrainer:
             f"{self.world} process(es) on {self.device}",
             flush=True,
         )
+        if self.order_check is not None:
+            both, forward = (self.order_check["item_knn_valid_ndcg10"][k] for k in ("both", "forward"))
+            print(
+                f"window reversal ({self.config.stage_a.window_reversal_prob:g}): "
+                f"{'on' if self.reversal_prob > 0 else 'off'}: item-kNN validation NDCG@10 {both:.4f} in both orders "
+                f"{'>' if both > forward else '<='} {forward:.4f} forward only",
+                flush=True,
+            )
 
     def _plot_curves(self) -> None:
         """training_curves.png: loss terms per step, validation NDCG@10/HR@10 per epoch."""
@@ -879,6 +896,24 @@ class StageATrainer:
         fig.savefig(tmp, dpi=100, format="png")
         plt.close(fig)
         os.replace(tmp, self.output_dir / "training_curves.png")
+
+
+def order_strength(config: Config, data_dir: Path) -> dict[str, Any]:
+    """Whether a log's order says little (``stage_a.window_reversal: weak_order``): item-kNN of
+    the training events (``model.item_knn``'s settings) scored on the validation split, full
+    NDCG@10, counting co-occurrence in both orders and forward only. ``weak`` when both orders
+    score higher. A function of the data alone: the refit decides as the validated run did."""
+    from ..evaluation.baselines import ItemKNNBaseline
+    from ..evaluation.evaluator import evaluate
+
+    data = ProcessedData(data_dir)  # training events only, whatever the run trains on
+    scores = {}
+    for direction in ("both", "forward"):
+        knn = ItemKNNBaseline(data, settings=dataclasses.replace(config.model.item_knn, direction=direction))
+        result = evaluate(knn, data, "valid", config.evaluation, config.model.max_seq_len, protocols=("full",),
+                          max_users=config.stage_a.eval_max_users, cache_candidates=False)
+        scores[direction] = float(result["full"]["NDCG@10"])
+    return {"item_knn_valid_ndcg10": scores, "weak": scores["both"] > scores["forward"]}
 
 
 def train_stage_a(config: Config, data_dir: Path, output_dir: Path, resume: bool = False) -> dict[str, Any]:
