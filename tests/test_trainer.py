@@ -603,6 +603,8 @@ def test_window_reversal_weak_order_reads_the_order_strength_off_item_knn(tmp_pa
     on = StageATrainer(config, tmp_path / "baskets", tmp_path / "run_on")
     refit = StageATrainer(config, tmp_path / "baskets", tmp_path / "refit", train_through="valid")
     assert off.windows.reversal_prob == 0.0 and on.windows.reversal_prob == 0.5 == refit.windows.reversal_prob
+    handed = StageATrainer(config, tmp_path / "baskets", tmp_path / "refit2", train_through="valid", order_check=strong)
+    assert handed.order_check is strong and handed.windows.reversal_prob == 0.0  # the answer it was given
     always = StageATrainer(_config("stage_a.window_reversal_prob=0.5", "stage_a.last_batch=fill"), tmp_path / "chains",
                            tmp_path / "run")
     assert always.windows.reversal_prob == 0.5 and always.order_check is None

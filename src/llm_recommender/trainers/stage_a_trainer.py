@@ -164,6 +164,8 @@ class StageATrainer:
             schedule still spans ``stage_a.epochs``, as in the run it repeats.
         lr_decay_epochs: the refit replays the plateau decays (``stage_a.lr_decay_patience``)
             of the run it repeats: after each epoch listed, the learning rate is decayed.
+        order_check: the refit takes the validated run's :func:`order_strength` answer
+            (``stage_a.window_reversal: weak_order``) instead of measuring it again.
     """
 
     def __init__(
@@ -175,6 +177,7 @@ class StageATrainer:
         train_through: str = "train",
         stop_after_epochs: int | None = None,
         lr_decay_epochs: list[int] | None = None,
+        order_check: dict[str, Any] | None = None,
     ) -> None:
         from accelerate import Accelerator
 
@@ -212,7 +215,14 @@ class StageATrainer:
         reversal_prob = config.stage_a.window_reversal_prob
         self.order_check: dict[str, Any] | None = None
         if reversal_prob > 0 and config.stage_a.window_reversal == "weak_order":
-            self.order_check = order_strength(config, self.data_dir)
+            # The refit is handed the validated run's answer; several processes compute it once.
+            self.order_check = order_check
+            if self.order_check is None:
+                self.order_check = order_strength(config, self.data_dir) if self.is_main else {}
+                if self.world > 1:
+                    from accelerate.utils import broadcast_object_list
+
+                    self.order_check = broadcast_object_list([self.order_check])[0]
             if not self.order_check["weak"]:
                 reversal_prob = 0.0
         self.reversal_prob = reversal_prob
@@ -704,8 +714,9 @@ class StageATrainer:
         started = time.time()
         budget = cfg.max_train_minutes
         deadline = started + budget * 60 - self.train_seconds if budget is not None else None
+        patience_spent = f"early stopping: no better validation NDCG@10 for {cfg.patience} validations"
         if cfg.patience and self.bad_epochs >= cfg.patience:  # a resumed run that had stopped
-            self.stopped_reason = f"early stopping: no better validation NDCG@10 for {cfg.patience} validations"
+            self.stopped_reason = patience_spent
         try:
             while (
                 self.epoch < cfg.epochs
@@ -741,7 +752,7 @@ class StageATrainer:
                     self._save("best_model", metrics, with_state=False)
                 self._save("last", metrics, with_state=True)
                 if cfg.patience and self.bad_epochs >= cfg.patience:
-                    self.stopped_reason = f"early stopping: no better validation NDCG@10 for {cfg.patience} validations"
+                    self.stopped_reason = patience_spent
                 self.accelerator.wait_for_everyone()
         finally:
             if progress is not None:
@@ -980,7 +991,8 @@ def train_stage_a(config: Config, data_dir: Path, output_dir: Path, resume: bool
                   f"epoch(s) -> {refit_dir}", flush=True)
         refit = StageATrainer(config, data_dir, refit_dir, accelerator=accelerator, train_through="valid",
                               stop_after_epochs=epochs,
-                              lr_decay_epochs=(info.get("summary") or {}).get("lr_decay_epochs"))
+                              lr_decay_epochs=(info.get("summary") or {}).get("lr_decay_epochs"),
+                              order_check=(info.get("summary") or {}).get("window_reversal"))
         if resume and (refit_dir / "last" / "checkpoint.json").is_file():
             refit.resume()
         refit_summary = refit.fit()
