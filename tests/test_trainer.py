@@ -581,7 +581,43 @@ def test_window_reversal_reads_some_windows_backwards_anew_every_epoch(tmp_path)
             assert not batch["targets"][r, n:].any()
             flipped.append(got != events)
         patterns.add(tuple(flipped))
+        assert "reversed" not in batch
+        flagged = TrainWindows(data, 10, False, None, reversal_prob=0.5, reversal_flags=True)
+        flagged.set_epoch(5, epoch)
+        flagged_batch = flagged.batch(rows)
+        assert np.array_equal(flagged_batch["reversed"], np.array(flipped, dtype=np.float32))  # model.direction_token
+        assert np.array_equal(flagged_batch["targets"], batch["targets"])
     assert len(patterns) > 2
+    unflipped = TrainWindows(data, 10, False, None, reversal_flags=True).batch(rows)
+    assert not unflipped["reversed"].any()
+
+
+def test_direction_token_learns_on_reversed_windows_and_never_touches_the_forward_reading(tiny_data, tmp_path):
+    """model.direction_token: a learned vector added to the tokens of windows read in reverse.
+    It starts at zero, moves only through reversed windows, is saved with the checkpoint, and
+    evaluation (which reads forward) never adds it."""
+    from llm_recommender.models.stage_a_model import build_model
+
+    flags = ("model.direction_token=true", "stage_a.window_reversal_prob=0.5")
+    train_stage_a(_config(*flags, "stage_a.max_steps=8"), tiny_data, tmp_path / "run")
+    model, config, _ = load_checkpoint(tmp_path / "run" / "last")
+    vector = model.direction_embedding.detach()
+    assert vector.abs().sum() > 0
+    users = torch.tensor([1, 2])
+    seq = torch.tensor([[1, 2, 3, 0], [4, 5, 6, 7]])
+    model.eval()
+    with torch.no_grad():
+        plain = model(users, seq)
+        assert torch.equal(model(users, seq, torch.zeros(2)), plain)
+        assert not torch.allclose(model(users, seq, torch.ones(2)), plain)
+        scores = model.full_sort_predict(users, seq)
+        model.direction_embedding.zero_()
+        assert torch.equal(model.full_sort_predict(users, seq), scores)  # evaluation reads forward
+    # Without reversed windows the vector gets a zero gradient only: it stays at zero.
+    train_stage_a(_config("model.direction_token=true", "stage_a.max_steps=4"), tiny_data, tmp_path / "still")
+    still, _, _ = load_checkpoint(tmp_path / "still" / "last")
+    assert not still.direction_embedding.abs().sum()
+    assert build_model(_config(), 10, 20).direction_embedding is None
 
 
 def test_window_reversal_weak_order_reads_the_order_strength_off_item_knn(tmp_path):

@@ -275,6 +275,12 @@ class ModelConfig:
     state is compared with each item's projected row (without the token scale and the shared bias,
     which shift every score alike), as SASRec scores with the embedding it reads. The
     item's representation on the way in and the way out is then one and the same."""
+    direction_token: bool = False
+    """With ``stage_a.window_reversal_prob``: a learned vector added to every input token of a
+    window read in reverse, so the network knows which way it reads. The item table still
+    learns what comes before an item from the reversed windows, while the forward reading,
+    the only one evaluated and served (where the vector is never added), keeps its own
+    order. Starts at zero; without reversed windows it stays there."""
     item_bias: bool = False
     """A learned score offset per item, added to the dot product of the state and the item's
     row (``h . e_i + b_i``) in the losses, in evaluation and in serving: an item's overall

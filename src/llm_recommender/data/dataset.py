@@ -243,6 +243,8 @@ class TrainWindows:
             in every epoch and batch, after the deletions.
         reversal_prob: data augmentation: each window is read in reverse order (after the
             deletions) with this probability, anew in every epoch and batch.
+        reversal_flags: batches also carry ``reversed`` (B,): 1 for a window read in reverse,
+            else 0 (all 0 without ``reversal_prob``), for ``model.direction_token``.
         tie_groups: batches also carry ``target_groups``: for each target, the id of its run of
             same-timestamp events (a user's events with one timestamp share an id; every other
             event has its own), so the loss can treat a run's order as unknown
@@ -260,12 +262,14 @@ class TrainWindows:
         substitution_prob: float = 0.0,
         tie_groups: bool = False,
         reversal_prob: float = 0.0,
+        reversal_flags: bool = False,
     ) -> None:
         self.max_seq_len = int(max_seq_len)
         self.use_user_token = bool(use_user_token)
         self.deletion_prob = float(deletion_prob)
         self.substitution_prob = float(substitution_prob)
         self.reversal_prob = float(reversal_prob)
+        self.reversal_flags = bool(reversal_flags)
         self.num_items = int(data.num_items)
         self.epoch_seed: tuple[int, int] = (0, 0)
         self.file_items = np.asarray(data.items)
@@ -353,7 +357,7 @@ class TrainWindows:
 
     def _reverse_windows(self, indices: np.ndarray, window: np.ndarray, length: np.ndarray, groups=None):
         """Reverse the events of each row with ``reversal_prob`` (padding stays at the end;
-        ``groups``, if given, the same way)."""
+        ``groups``, if given, the same way); also returns which rows were reversed (B,)."""
         rng = self._batch_rng(0x4E7E, indices)
         flip = rng.random(len(indices)) < self.reversal_prob  # (B,)
         column = np.arange(window.shape[1])[None, :]
@@ -361,7 +365,7 @@ class TrainWindows:
         window = np.take_along_axis(window, source, axis=1)
         if groups is not None:
             groups = np.take_along_axis(groups, source, axis=1)
-        return window, groups
+        return window, groups, flip
 
     def _substitute_inputs(self, indices: np.ndarray, item_seq: np.ndarray) -> np.ndarray:
         """Replace each input item (padding stays padding) with ``substitution_prob`` by a
@@ -377,6 +381,7 @@ class TrainWindows:
         Returns:
             ``user_ids`` (B,), ``item_seq`` (B, T), ``targets`` (B, S) with T <= max_seq_len
             the longest input in the batch, S = T + 1 with the user token, else T; int64.
+            With ``reversal_flags`` also ``reversed`` (B,) float32, 1 for a reversed window.
             With ``tie_groups`` also ``target_groups`` (B, S): each target's run id, 0 where
             there is no target.
         """
@@ -392,8 +397,9 @@ class TrainWindows:
             groups = np.where(column < length[:, None], self.event_groups[gather], 0).astype(np.int64)
         if self.deletion_prob > 0:
             window, length, groups = self._delete_events(indices, window, length, groups)
+        flip = np.zeros(len(indices), dtype=bool)
         if self.reversal_prob > 0:
-            window, groups = self._reverse_windows(indices, window, length, groups)
+            window, groups, flip = self._reverse_windows(indices, window, length, groups)
         # item_seq: w_1..w_{n-1}; position n-1 (the last item) is never an input.
         item_seq = np.where(column[:, :-1] < (length - 1)[:, None], window[:, :-1], 0)
         targets = window if self.use_user_token else window[:, 1:]
@@ -405,6 +411,8 @@ class TrainWindows:
         item_seq = item_seq[:, : max(1, longest - 1)]
         targets = targets[:, : item_seq.shape[1] + (1 if self.use_user_token else 0)]
         batch = {"user_ids": self.users[indices].copy(), "item_seq": item_seq, "targets": targets}
+        if self.reversal_flags:
+            batch["reversed"] = flip.astype(np.float32)
         if groups is not None:
             target_groups = groups if self.use_user_token else groups[:, 1:]
             batch["target_groups"] = np.where(targets > 0, target_groups[:, : targets.shape[1]], 0)

@@ -453,6 +453,9 @@ class StageAModel(nn.Module):
             projection_init=model_config.projection_init,
         )
         self.embedding_dropout = nn.Dropout(model_config.embedding_dropout)
+        # model.direction_token: added to the input tokens of windows read in reverse (training
+        # only); zero at the start, so the forward reading is the plain network.
+        self.direction_embedding = nn.Parameter(torch.zeros(d_model)) if model_config.direction_token else None
         self.out_proj = nn.Linear(d_model, model_config.embedding_dim)
         if model_config.projection_init == "orthogonal":
             init_orthogonal(self.out_proj)
@@ -505,16 +508,20 @@ class StageAModel(nn.Module):
     def _backbone_dtype(self) -> torch.dtype:
         return next(self.backbone.parameters()).dtype
 
-    def forward(self, user_ids: torch.Tensor, item_seq: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, user_ids: torch.Tensor, item_seq: torch.Tensor, reversed_rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """States at every position: ``(B,)``, ``(B, T)`` -> ``(B, S, d)``.
 
         The attention mask is ``item_seq != 0`` (the user token always visible); position ids
         count visible tokens, so left and right padding give the same states.
+        ``reversed_rows`` (B,), 1 for a window read in reverse: with ``model.direction_token``
+        its learned vector is added to those rows' item tokens (training only).
         """
         if self.attend_padding:
-            return self._forward_padded_window(user_ids, item_seq)
+            return self._forward_padded_window(user_ids, item_seq, reversed_rows)
         item_mask = item_seq != 0  # (B, T)
-        tokens = self.embeddings.item_tokens(item_seq)  # (B, T, d_model)
+        tokens = self._direction(self.embeddings.item_tokens(item_seq), reversed_rows)  # (B, T, d_model)
         if self.use_user_token:
             tokens = self._prepend_user_token(user_ids, tokens)  # (B, T+1, d_model)
             visible = torch.ones_like(item_mask[:, :1])  # (B, 1)
@@ -536,6 +543,13 @@ class StageAModel(nn.Module):
         )
         return self._project_out(output.last_hidden_state)  # (B, S, d)
 
+    def _direction(self, tokens: torch.Tensor, reversed_rows: torch.Tensor | None) -> torch.Tensor:
+        """Item tokens ``(B, T, d_model)`` plus the direction vector on reversed rows."""
+        if self.direction_embedding is None or reversed_rows is None:
+            return tokens
+        flags = reversed_rows.to(tokens.dtype)[:, None, None]  # (B, 1, 1)
+        return tokens + flags * self.direction_embedding.to(tokens.dtype)
+
     def _prepend_user_token(self, user_ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """``(B,)``, ``(B, T, d_model)`` -> ``(B, T+1, d_model)``: the user's soft token first
         (with ``model.share_user_token`` the same learned start token for every user)."""
@@ -550,7 +564,9 @@ class StageAModel(nn.Module):
             return hidden.to(weight.dtype) @ weight  # SASRec scores with the unscaled embedding
         return self.out_proj(hidden.to(self.out_proj.weight.dtype))
 
-    def _forward_padded_window(self, user_ids: torch.Tensor, item_seq: torch.Tensor) -> torch.Tensor:
+    def _forward_padded_window(
+        self, user_ids: torch.Tensor, item_seq: torch.Tensor, reversed_rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``model.attend_padding``: SASRec's window. The items are left-padded to exactly
         ``max_seq_len`` slots and every slot is visible to attention (the padding slots carry
         the padding token, item row 0), so the last item always sits at the last position and
@@ -568,6 +584,10 @@ class StageAModel(nn.Module):
         # (Slot 0 may receive a padding position's write of 0: it is padding unless the row is
         # full, and then no position of the row is padding.)
         tokens = self.embeddings.item_tokens(window)  # (B, L, d_model)
+        if self.direction_embedding is not None and reversed_rows is not None:
+            tokens = torch.where(
+                (window != 0)[:, :, None], self._direction(tokens, reversed_rows), tokens
+            )  # padding slots stay the padding token
         offset = 0
         if self.use_user_token:
             tokens = self._prepend_user_token(user_ids, tokens)  # (B, L+1, d_model)
@@ -719,7 +739,10 @@ class StageAModel(nn.Module):
             drop = torch.rand(user_ids.shape, device=user_ids.device) < unknown_user_prob  # (B,)
             user_ids = user_ids.masked_fill(drop, 0)
 
-        states = self(user_ids, item_seq)  # (B, S, d)
+        reversed_rows = batch.get("reversed")
+        if self.direction_embedding is not None and reversed_rows is None:
+            reversed_rows = torch.zeros(batch_size, device=item_seq.device)  # keeps the vector in the graph (DDP)
+        states = self(user_ids, item_seq, reversed_rows)  # (B, S, d)
         valid = targets != 0  # (B, S)
         query = self.scoring_states(states[valid].float())  # (N, d[+1])
         positives = targets[valid]  # (N,)

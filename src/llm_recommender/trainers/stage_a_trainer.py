@@ -236,6 +236,7 @@ class StageATrainer:
             substitution_prob=config.stage_a.item_substitution_prob,
             reversal_prob=reversal_prob,
             tie_groups=config.stage_a.ce.tied_targets,
+            reversal_flags=config.model.direction_token,
         )
         self.global_batch = config.stage_a.batch_size * self.world
         targets_per_window = self.windows.expected_targets  # (windows,)
