@@ -613,10 +613,16 @@ def test_direction_token_learns_on_reversed_windows_and_never_touches_the_forwar
         scores = model.full_sort_predict(users, seq)
         model.direction_embedding.zero_()
         assert torch.equal(model.full_sort_predict(users, seq), scores)  # evaluation reads forward
-    # Without reversed windows the vector gets a zero gradient only: it stays at zero.
+    # Without reversed windows (the weak_order gate off: Beauty, Wikipedia) the vector gets a
+    # zero gradient only: it stays at zero and the network is exactly the one trained without it.
     train_stage_a(_config("model.direction_token=true", "stage_a.max_steps=4"), tiny_data, tmp_path / "still")
+    train_stage_a(_config("stage_a.max_steps=4"), tiny_data, tmp_path / "without")
     still, _, _ = load_checkpoint(tmp_path / "still" / "last")
+    without, _, _ = load_checkpoint(tmp_path / "without" / "last")
     assert not still.direction_embedding.abs().sum()
+    weights = without.trainable_state_dict()
+    assert all(torch.equal(tensor, weights[key]) for key, tensor in still.trainable_state_dict().items()
+               if key != "direction_embedding")
     assert build_model(_config(), 10, 20).direction_embedding is None
 
 
