@@ -624,6 +624,17 @@ def test_direction_token_learns_on_reversed_windows_and_never_touches_the_forwar
     assert all(torch.equal(tensor, weights[key]) for key, tensor in still.trainable_state_dict().items()
                if key != "direction_embedding")
     assert build_model(_config(), 10, 20).direction_embedding is None
+    # SASRec's padded window (model.attend_padding): the vector goes on the items, not the padding slots.
+    padded = build_model(_config("model.direction_token=true", "model.attend_padding=true"), 10, 20).eval()
+    with torch.no_grad():
+        padded.direction_embedding.normal_()
+        short = torch.tensor([[1, 2, 0, 0]])
+        forward, backward = padded(users[:1], short), padded(users[:1], short, torch.ones(1))
+        window = torch.tensor([[0, 0, 1, 2]])  # the left-padded window the padded path builds
+        tokens = padded.embeddings.item_tokens(window)
+        marked = padded._direction(tokens, torch.ones(1), window != 0)
+    assert not torch.allclose(forward, backward)
+    assert torch.equal(marked[:, :2], tokens[:, :2]) and not torch.allclose(marked[:, 2:], tokens[:, 2:])
 
 
 def test_window_reversal_weak_order_reads_the_order_strength_off_item_knn(tmp_path):
@@ -638,8 +649,8 @@ def test_window_reversal_weak_order_reads_the_order_strength_off_item_knn(tmp_pa
     rng = np.random.default_rng(0)
     baskets = [[int(i) for i in rng.permutation(np.arange(1, 7) + 6 * (u % 6))[:5]] for u in range(30)]
     config = _config("stage_a.window_reversal_prob=0.5", "stage_a.window_reversal=weak_order", "stage_a.last_batch=fill")
-    strong = order_strength(config, write_processed(tmp_path / "chains", chains).path)
-    weak = order_strength(config, write_processed(tmp_path / "baskets", baskets).path)
+    strong = order_strength(config, ProcessedData(write_processed(tmp_path / "chains", chains).path))
+    weak = order_strength(config, ProcessedData(write_processed(tmp_path / "baskets", baskets).path))
     assert not strong["weak"] and weak["weak"], (strong, weak)
     off = StageATrainer(config, tmp_path / "chains", tmp_path / "run_off")
     on = StageATrainer(config, tmp_path / "baskets", tmp_path / "run_on")

@@ -521,7 +521,7 @@ class StageAModel(nn.Module):
         if self.attend_padding:
             return self._forward_padded_window(user_ids, item_seq, reversed_rows)
         item_mask = item_seq != 0  # (B, T)
-        tokens = self._direction(self.embeddings.item_tokens(item_seq), reversed_rows)  # (B, T, d_model)
+        tokens = self._direction(self.embeddings.item_tokens(item_seq), reversed_rows, item_mask)  # (B, T, d_model)
         if self.use_user_token:
             tokens = self._prepend_user_token(user_ids, tokens)  # (B, T+1, d_model)
             visible = torch.ones_like(item_mask[:, :1])  # (B, 1)
@@ -543,12 +543,13 @@ class StageAModel(nn.Module):
         )
         return self._project_out(output.last_hidden_state)  # (B, S, d)
 
-    def _direction(self, tokens: torch.Tensor, reversed_rows: torch.Tensor | None) -> torch.Tensor:
-        """Item tokens ``(B, T, d_model)`` plus the direction vector on reversed rows."""
+    def _direction(self, tokens: torch.Tensor, reversed_rows: torch.Tensor | None, item_mask: torch.Tensor) -> torch.Tensor:
+        """Item tokens ``(B, T, d_model)`` plus the direction vector on the items (``item_mask``,
+        (B, T); padding stays the padding token) of reversed rows."""
         if self.direction_embedding is None or reversed_rows is None:
             return tokens
-        flags = reversed_rows.to(tokens.dtype)[:, None, None]  # (B, 1, 1)
-        return tokens + flags * self.direction_embedding.to(tokens.dtype)
+        flags = reversed_rows.to(tokens.dtype)[:, None] * item_mask.to(tokens.dtype)  # (B, T)
+        return tokens + flags[:, :, None] * self.direction_embedding.to(tokens.dtype)
 
     def _prepend_user_token(self, user_ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """``(B,)``, ``(B, T, d_model)`` -> ``(B, T+1, d_model)``: the user's soft token first
@@ -583,11 +584,7 @@ class StageAModel(nn.Module):
         window.scatter_(1, torch.where(item_mask, slot, 0), torch.where(item_mask, item_seq, 0))
         # (Slot 0 may receive a padding position's write of 0: it is padding unless the row is
         # full, and then no position of the row is padding.)
-        tokens = self.embeddings.item_tokens(window)  # (B, L, d_model)
-        if self.direction_embedding is not None and reversed_rows is not None:
-            tokens = torch.where(
-                (window != 0)[:, :, None], self._direction(tokens, reversed_rows), tokens
-            )  # padding slots stay the padding token
+        tokens = self._direction(self.embeddings.item_tokens(window), reversed_rows, window != 0)  # (B, L, d_model)
         offset = 0
         if self.use_user_token:
             tokens = self._prepend_user_token(user_ids, tokens)  # (B, L+1, d_model)

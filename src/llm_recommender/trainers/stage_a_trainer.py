@@ -218,7 +218,10 @@ class StageATrainer:
             # The refit is handed the validated run's answer; several processes compute it once.
             self.order_check = order_check
             if self.order_check is None:
-                self.order_check = order_strength(config, self.data_dir) if self.is_main else {}
+                if self.is_main:  # on training events only, whatever this run trains on
+                    self.order_check = order_strength(config, ProcessedData(self.data_dir) if self.refit else self.data)
+                else:
+                    self.order_check = {}
                 if self.world > 1:
                     from accelerate.utils import broadcast_object_list
 
@@ -910,15 +913,15 @@ class StageATrainer:
         os.replace(tmp, self.output_dir / "training_curves.png")
 
 
-def order_strength(config: Config, data_dir: Path) -> dict[str, Any]:
+def order_strength(config: Config, data: ProcessedData) -> dict[str, Any]:
     """Whether a log's order says little (``stage_a.window_reversal: weak_order``): item-kNN of
     the training events (``model.item_knn``'s settings) scored on the validation split, full
     NDCG@10, counting co-occurrence in both orders and forward only. ``weak`` when both orders
-    score higher. A function of the data alone: the refit decides as the validated run did."""
+    score higher. ``data``: the training events (not a refit's training + validation). A function
+    of the data alone: the refit decides as the validated run did."""
     from ..evaluation.baselines import ItemKNNBaseline
     from ..evaluation.evaluator import evaluate
 
-    data = ProcessedData(data_dir)  # training events only, whatever the run trains on
     scores = {}
     for direction in ("both", "forward"):
         knn = ItemKNNBaseline(data, settings=dataclasses.replace(config.model.item_knn, direction=direction))
