@@ -16,6 +16,7 @@ from llm_recommender.models.stage_a_model import (
     chunk_positions,
     chunked_cross_entropy,
     future_soft_targets,
+    last_state_info_nce,
     tied_soft_targets,
     sample_negatives,
     sampled_softmax_cross_entropy,
@@ -355,3 +356,58 @@ def test_cf_bpr_zero_with_a_relative_weight_is_a_contradiction():
 def test_sparse_tables_refuse_the_whole_table_regulariser():
     with pytest.raises(ConfigError, match="regularization"):
         _tiny_model(["embeddings.sparse=true", "stage_a.ce.mode=sampled", "stage_a.loss_weights.regularization=1"])
+
+
+def test_last_state_info_nce_by_hand():
+    """Each window's state at its last target position must find its own second draw among
+    the other states of the batch; rows without a target take no part."""
+    valid = torch.tensor([[True, True, False], [True, False, False], [False, False, False]])
+    first = torch.zeros(3, 3, 2)
+    second = torch.zeros(3, 3, 2)
+    first[0, 1], second[0, 1] = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    first[1, 0], second[1, 0] = torch.tensor([0.0, 2.0]), torch.tensor([1.0, 1.0])
+    first[0, 0] = second[0, 0] = torch.tensor([50.0, 50.0])  # not the row's last position: unused
+    first[2, 0] = second[2, 0] = torch.tensor([50.0, 50.0])  # a row without a target: unused
+    states = torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.0, 1.0], [1.0, 1.0]])  # a, b, a', b'
+    logits = states @ states.T / 0.5
+    logits.fill_diagonal_(float("-inf"))
+    by_hand = F.cross_entropy(logits, torch.tensor([2, 3, 0, 1]))
+    assert torch.allclose(last_state_info_nce(first, second, valid, 0.5), by_hand)
+    # Well separated draws of the same window: the loss goes to 0.
+    far = torch.tensor([[[30.0, 0.0]], [[0.0, 30.0]]])
+    assert last_state_info_nce(far, far.clone(), torch.ones(2, 1, dtype=torch.bool), 1.0).item() < 1e-6
+
+
+def test_contrastive_term_trains_only_and_costs_a_second_pass():
+    """stage_a.loss_weights.contrastive: a second forward pass with new dropout in training,
+    added with its weight; evaluation never pays it and weight 0 is the plain loss."""
+    batch = {
+        "user_ids": torch.tensor([1, 2, 3]),
+        "item_seq": torch.tensor([[1, 2, 0, 0], [3, 4, 1, 0], [2, 3, 0, 0]]),
+        "targets": torch.tensor([[1, 2, 3, 0, 0], [3, 4, 1, 2, 0], [2, 3, 4, 0, 0]]),
+    }
+    model = _tiny_model(["stage_a.collaborative.use_bpr_loss=false", "model.dropout=0.3",
+                         "stage_a.loss_weights.contrastive=0.5", "stage_a.contrastive_temperature=2"])
+    calls = []
+    model.backbone.register_forward_hook(lambda *_: calls.append(1))
+    model.train()
+    out = model.calculate_loss(batch)
+    assert len(calls) == 2 and out["contrastive"].item() > 0
+    assert abs(out["loss"].item() - (out["cross_entropy"].item() + 0.5 * out["contrastive"].item())) < 1e-5
+    out["loss"].backward()
+    model.eval()
+    calls.clear()
+    out = model.calculate_loss(batch)
+    assert len(calls) == 1 and out["contrastive"].item() == 0.0
+    plain = _tiny_model(["stage_a.collaborative.use_bpr_loss=false"])
+    plain.train()
+    calls.clear()
+    plain.backbone.register_forward_hook(lambda *_: calls.append(1))
+    assert plain.calculate_loss(batch)["contrastive"].item() == 0.0 and len(calls) == 1
+
+
+@pytest.mark.parametrize("key, value", [("stage_a.contrastive_temperature", "0"),
+                                        ("stage_a.loss_weights.contrastive", "-0.1")])
+def test_contrastive_settings_are_checked(key, value):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [f"{key}={value}"])

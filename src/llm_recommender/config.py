@@ -412,9 +412,14 @@ class LossWeights:
     """Relative weight of the user BPR term inside ``cf_bpr`` (``null``: 1)."""
     regularization: float = 0.0
     """Weight of ``L_reg = embeddings.lambda_c * (||E_user||^2 + ||E_item||^2)``."""
+    contrastive: float = 0.0
+    """Weight of a contrastive regulariser (DuoRec's unsupervised term; 0: off): each training
+    window goes through the network a second time with new dropout, and the two states at its
+    last position are pulled together against the other windows of the batch (InfoNCE, dot
+    product over ``stage_a.contrastive_temperature``). One more forward and backward pass."""
 
     def __post_init__(self) -> None:
-        for key in ("collaborative", "cf_bpr", "context_bpr", "user_bpr", "regularization"):
+        for key in ("collaborative", "cf_bpr", "context_bpr", "user_bpr", "regularization", "contrastive"):
             value = getattr(self, key)
             _check(value is None or value >= 0, f"stage_a.loss_weights.{key}", value, "must be >= 0")
         if self.cf_bpr == 0:
@@ -608,6 +613,8 @@ class StageAConfig:
     which items come *before* a history item. Item-kNN counts co-occurrence in both orders,
     and on logs whose order is weak (MovieLens rating sessions) that is what it leads the
     network by. Validation and test histories are never touched."""
+    contrastive_temperature: float = 1.0
+    """Temperature of the contrastive term (``stage_a.loss_weights.contrastive``); DuoRec's 1."""
     window_reversal: Literal["always", "weak_order"] = "always"
     """When ``window_reversal_prob`` applies: ``always``, or ``weak_order``: only on data whose
     order says little, where item-kNN of the training events scores higher on validation (full
@@ -688,6 +695,12 @@ class StageAConfig:
             "stage_a.window_reversal_prob",
             self.window_reversal_prob,
             "must be in [0, 1]",
+        )
+        _check(
+            self.contrastive_temperature > 0,
+            "stage_a.contrastive_temperature",
+            self.contrastive_temperature,
+            "must be > 0",
         )
         _check(0 <= self.min_lr_ratio <= 1, "stage_a.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         _check(self.lr_decay_patience >= 0, "stage_a.lr_decay_patience", self.lr_decay_patience, "must be >= 0")

@@ -378,6 +378,33 @@ def bpr_loss(query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tenso
     return F.softplus(negative_scores - positive_scores[:, None]).mean()  # = -logsigmoid(pos - neg)
 
 
+def last_state_info_nce(
+    first: torch.Tensor, second: torch.Tensor, valid: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """DuoRec's unsupervised contrastive loss between two dropout draws of the same windows.
+
+    Args:
+        first, second: ``(B, S, d)`` states of the two passes.
+        valid: ``(B, S)`` target positions; each row's last one is its window's state.
+        temperature: the dot products are divided by it.
+
+    Returns:
+        Scalar InfoNCE: each of the 2n states (n rows with a target) must pick its own
+        window's other state among the 2n - 1 others.
+    """
+    rows = valid.any(dim=1)  # (B,)
+    last = valid.shape[1] - 1 - valid.flip(1).int().argmax(dim=1)  # (B,) last target position
+    index = torch.arange(valid.shape[0], device=valid.device)[rows]  # (n,)
+    if index.numel() < 2:
+        return first.sum() * 0.0 + second.sum() * 0.0
+    states = torch.cat([first[index, last[rows]], second[index, last[rows]]]).float()  # (2n, d)
+    count = index.numel()
+    logits = states @ states.T / temperature  # (2n, 2n)
+    logits = logits.masked_fill(torch.eye(2 * count, dtype=torch.bool, device=logits.device), float("-inf"))
+    partner = torch.cat([torch.arange(count, 2 * count), torch.arange(count)]).to(logits.device)  # (2n,)
+    return F.cross_entropy(logits, partner)
+
+
 def keep_recent(item_seq: torch.Tensor, max_len: int) -> torch.Tensor:
     """The most recent ``max_len`` items of each row, right-padded (input padding left or right)."""
     if item_seq.shape[1] <= max_len:
@@ -795,6 +822,11 @@ class StageAModel(nn.Module):
                 user_rows = self.scoring_states(self.embeddings.user_embeddings(position_users).float())  # (N, d[+1])
                 user_bpr = bpr_loss(user_rows, positive_rows, negative_rows)
 
+        contrastive = zero
+        if weights.contrastive > 0 and self.training and positives.numel() > 0:
+            second = self(user_ids, item_seq, reversed_rows)  # (B, S, d): the same windows, new dropout
+            contrastive = last_state_info_nce(states, second, valid, stage_a.contrastive_temperature)
+
         l2 = zero
         regularization = weights.regularization * self.config.embeddings.lambda_c
         if regularization > 0:
@@ -805,9 +837,11 @@ class StageAModel(nn.Module):
             + weights.context_bpr_weight * context_bpr
             + weights.user_bpr_weight * user_bpr
             + regularization * l2
+            + weights.contrastive * contrastive
         )
         return {
             "loss": loss,
+            "contrastive": contrastive.detach(),
             "cross_entropy": cross_entropy.detach(),
             "context_bpr": context_bpr.detach(),
             "user_bpr": user_bpr.detach(),

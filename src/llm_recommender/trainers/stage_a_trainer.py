@@ -41,7 +41,7 @@ from ..data.dataset import ProcessedData, TrainWindows, epoch_batches, num_batch
 from ..errors import ConfigError, TrainingError
 from ..io_utils import atomic_write_text, clean_stale_temporaries
 
-LOSS_TERMS = ("loss", "cross_entropy", "context_bpr", "user_bpr", "l2")
+LOSS_TERMS = ("loss", "cross_entropy", "context_bpr", "user_bpr", "l2", "contrastive")
 TRAIN_STATE_VERSION = 1
 
 
