@@ -16,7 +16,7 @@ from llm_recommender.models.stage_a_model import (
     chunk_positions,
     chunked_cross_entropy,
     future_soft_targets,
-    last_state_info_nce,
+    info_nce,
     tied_soft_targets,
     sample_negatives,
     sampled_softmax_cross_entropy,
@@ -358,24 +358,27 @@ def test_sparse_tables_refuse_the_whole_table_regulariser():
         _tiny_model(["embeddings.sparse=true", "stage_a.ce.mode=sampled", "stage_a.loss_weights.regularization=1"])
 
 
-def test_last_state_info_nce_by_hand():
-    """Each window's state at its last target position must find its own second draw among
-    the other states of the batch; rows without a target take no part."""
-    valid = torch.tensor([[True, True, False], [True, False, False], [False, False, False]])
-    first = torch.zeros(3, 3, 2)
-    second = torch.zeros(3, 3, 2)
-    first[0, 1], second[0, 1] = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
-    first[1, 0], second[1, 0] = torch.tensor([0.0, 2.0]), torch.tensor([1.0, 1.0])
-    first[0, 0] = second[0, 0] = torch.tensor([50.0, 50.0])  # not the row's last position: unused
-    first[2, 0] = second[2, 0] = torch.tensor([50.0, 50.0])  # a row without a target: unused
-    states = torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.0, 1.0], [1.0, 1.0]])  # a, b, a', b'
+def test_info_nce_by_hand():
+    """Each state must find its partner (the same row of the other tensor) among the others."""
+    first = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    second = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
+    states = torch.cat([first, second])  # a, b, a', b'
     logits = states @ states.T / 0.5
     logits.fill_diagonal_(float("-inf"))
     by_hand = F.cross_entropy(logits, torch.tensor([2, 3, 0, 1]))
-    assert torch.allclose(last_state_info_nce(first, second, valid, 0.5), by_hand)
-    # Well separated draws of the same window: the loss goes to 0.
-    far = torch.tensor([[[30.0, 0.0]], [[0.0, 30.0]]])
-    assert last_state_info_nce(far, far.clone(), torch.ones(2, 1, dtype=torch.bool), 1.0).item() < 1e-6
+    assert torch.allclose(info_nce(first, second, 0.5), by_hand)
+    far = torch.tensor([[30.0, 0.0], [0.0, 30.0]])  # well separated pairs: the loss goes to 0
+    assert info_nce(far, far.clone(), 1.0).item() < 1e-6
+    assert info_nce(first[:1], second[:1], 1.0).item() == 0.0  # one row: nothing to contrast
+
+
+@pytest.mark.parametrize("user_token", [False, True])
+def test_last_input_state_is_the_one_that_predicts_the_last_target(user_token):
+    model = _tiny_model([f"model.use_user_token={str(user_token).lower()}"])
+    item_seq = torch.tensor([[1, 2, 0], [3, 0, 0]])
+    states = torch.arange(2 * 4 * 1, dtype=torch.float32).reshape(2, 4, 1)[:, : 3 + user_token]
+    last = model._last_input_states(states, item_seq)[:, 0]
+    assert last.tolist() == ([2.0, 5.0] if user_token else [1.0, 4.0])
 
 
 def test_contrastive_term_trains_only_and_costs_a_second_pass():

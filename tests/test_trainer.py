@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -21,7 +22,7 @@ from safetensors.torch import load_file
 from llm_recommender.checkpoint import load_checkpoint
 from llm_recommender.cli import main as cli_main
 from llm_recommender.config import load_config
-from llm_recommender.data.dataset import ProcessedData
+from llm_recommender.data.dataset import ProcessedData, TrainWindows
 from llm_recommender.errors import CheckpointError, ConfigError, TrainingError
 from llm_recommender.evaluation.baselines import PopularityBaseline
 from llm_recommender.evaluation.evaluator import evaluate
@@ -590,6 +591,52 @@ def test_window_reversal_reads_some_windows_backwards_anew_every_epoch(tmp_path)
     assert len(patterns) > 2
     unflipped = TrainWindows(data, 10, False, None, reversal_flags=True).batch(rows)
     assert not unflipped["reversed"].any()
+
+
+def test_same_target_positives_are_other_users_prefixes_before_the_same_item(tmp_path):
+    """stage_a.contrastive_positive=same_target: each row's positive is another user's training
+    prefix that ends just before an event of the row's last target (DuoRec's supervised
+    positive), at most max_seq_len items, drawn anew per epoch; a row whose item no other user
+    has gets its own input and user."""
+    from processed_helpers import write_processed
+
+    folder = tmp_path / "pos"
+    # Training prefixes (the last two events are validation and test): u1 1 2 3 9, u2 5 6 9,
+    # u3 7 9, u4 8 4 (item 4: no other user).
+    write_processed(folder, [[1, 2, 3, 9, 20, 21], [5, 6, 9, 22, 23], [7, 9, 24, 25], [8, 4, 26, 27]])
+    data = ProcessedData(folder)
+    windows = TrainWindows(data, max_seq_len=2, use_user_token=False, windows_per_user=1,
+                           same_target_positives=True)
+    rows = np.arange(len(windows))
+    options = {1: {(5, 6): 2, (7,): 3}, 2: {(2, 3): 1, (7,): 3}, 3: {(2, 3): 1, (5, 6): 2}}
+    seen = {user: set() for user in options}
+    for epoch in range(12):
+        windows.set_epoch(1, epoch)
+        batch = windows.batch(rows)
+        assert all(np.array_equal(batch[k], windows.batch(rows)[k]) for k in batch)
+        for r, user in enumerate(batch["user_ids"].tolist()):
+            prefix = tuple(v for v in batch["positive_seq"][r].tolist() if v)
+            own = tuple(v for v in batch["item_seq"][r].tolist() if v)
+            if user == 4 or (prefix, batch["positive_users"][r]) == (own, user):  # its own input
+                assert prefix == own and batch["positive_users"][r] == user and (user != 4 or own == (8,))
+                continue
+            assert options[user][prefix] == batch["positive_users"][r]
+            seen[user].add(prefix)
+    assert all(len(prefixes) == 2 for prefixes in seen.values())
+    assert "positive_seq" not in TrainWindows(data, 2, False, 1).batch(rows)
+
+
+@pytest.mark.parametrize("positive", ["dropout", "same_target"])
+def test_contrastive_term_trains_end_to_end(tiny_data, tmp_path, positive):
+    summary = train_stage_a(
+        _config("stage_a.loss_weights.contrastive=0.1", f"stage_a.contrastive_positive={positive}",
+                "model.dropout=0.1", "stage_a.max_steps=3", "stage_a.log_every_steps=1"),
+        tiny_data, tmp_path / positive,
+    )
+    history = [json.loads(line) for line in (tmp_path / positive / "metrics.jsonl").read_text().splitlines()]
+    terms = [e["contrastive"] for e in history if e["kind"] == "train"]
+    assert terms and all(math.isfinite(v) and v > 0 for v in terms)
+    assert summary["best_epoch"] >= 1
 
 
 def test_direction_token_learns_on_reversed_windows_and_never_touches_the_forward_reading(tiny_data, tmp_path):

@@ -615,6 +615,11 @@ class StageAConfig:
     network by. Validation and test histories are never touched."""
     contrastive_temperature: float = 1.0
     """Temperature of the contrastive term (``stage_a.loss_weights.contrastive``); DuoRec's 1."""
+    contrastive_positive: Literal["dropout", "same_target"] = "dropout"
+    """The contrastive term's positive for a window's last state: ``dropout``, the same window
+    with new dropout (DuoRec's unsupervised term); ``same_target``, another user's training
+    prefix that ends just before an event of the same item (DuoRec's supervised term; a window
+    whose item no other user has falls back to ``dropout``)."""
     window_reversal: Literal["always", "weak_order"] = "always"
     """When ``window_reversal_prob`` applies: ``always``, or ``weak_order``: only on data whose
     order says little, where item-kNN of the training events scores higher on validation (full

@@ -245,6 +245,12 @@ class TrainWindows:
             deletions) with this probability, anew in every epoch and batch.
         reversal_flags: batches also carry ``reversed`` (B,): 1 for a window read in reverse,
             else 0 (all 0 without ``reversal_prob``), for ``model.direction_token``.
+        same_target_positives: batches also carry ``positive_seq`` (B, P), ``positive_users``
+            (B,) and (with ``reversal_flags``) ``positive_reversed`` (B,): for each row, the
+            training prefix of another user that ends just before an event of the row's last
+            target item (DuoRec's supervised positive, up to ``max_seq_len`` items, right-padded,
+            from the file's order), drawn anew in every epoch and batch; a row whose item no
+            other user has gets its own input instead.
         tie_groups: batches also carry ``target_groups``: for each target, the id of its run of
             same-timestamp events (a user's events with one timestamp share an id; every other
             event has its own), so the loss can treat a run's order as unknown
@@ -263,6 +269,7 @@ class TrainWindows:
         tie_groups: bool = False,
         reversal_prob: float = 0.0,
         reversal_flags: bool = False,
+        same_target_positives: bool = False,
     ) -> None:
         self.max_seq_len = int(max_seq_len)
         self.use_user_token = bool(use_user_token)
@@ -302,6 +309,8 @@ class TrainWindows:
         self.window_starts = np.maximum(starts[self.users], self.window_ends - span)
         if len(self.users) == 0:
             raise DataError(f"{data.path}: no user has enough training events to train on")
+        self.user_starts = starts
+        self.positives = _prefix_ends_by_item(starts, ends, self.file_items, self.num_items) if same_target_positives else None
 
     def __len__(self) -> int:
         return len(self.users)
@@ -375,6 +384,38 @@ class TrainWindows:
         drawn = rng.integers(1, self.num_items + 1, size=item_seq.shape)
         return np.where(swap, drawn, item_seq)
 
+    def _same_target_positives(self, indices: np.ndarray, last_targets: np.ndarray, batch: dict) -> dict:
+        """DuoRec's supervised positives for :meth:`batch` (``same_target_positives``)."""
+        positions, owners, item_offsets = self.positives
+        rng = self._batch_rng(0x5A3E, indices)
+        first = item_offsets[last_targets]  # (B,)
+        count = item_offsets[last_targets + 1] - first  # (B,) events of each row's last target
+        # Up to 4 draws per row, keeping the first from another user (a draw of the row's own
+        # user is not a different sequence).
+        draws = first[:, None] + (rng.random((len(indices), 4)) * count[:, None]).astype(np.int64)  # (B, 4)
+        draws = np.minimum(draws, max(len(positions) - 1, 0))
+        owner_draws = owners[draws] if len(positions) else np.zeros(draws.shape, dtype=np.int64)  # (B, 4)
+        other = (owner_draws != batch["user_ids"][:, None]) & (count[:, None] > 0)  # (B, 4)
+        pick = draws[np.arange(len(indices)), other.argmax(axis=1)]  # (B,)
+        found = other.any(axis=1)  # (B,)
+        end = positions[pick] if len(positions) else np.zeros(len(indices), dtype=np.int64)  # (B,)
+        owner = owners[pick] if len(positions) else np.zeros(len(indices), dtype=np.int64)  # (B,)
+        start = np.maximum(self.user_starts[owner], end - self.max_seq_len)  # (B,)
+        length = np.where(found, end - start, 0)  # (B,) >= 1 where found
+        own = batch["item_seq"]  # (B, T)
+        width = max(int(length.max(initial=0)), own.shape[1])
+        column = np.arange(width)[None, :]  # (1, P)
+        gather = np.minimum(start[:, None] + column, len(self.file_items) - 1)  # (B, P)
+        prefix = np.where(column < length[:, None], self.file_items[gather], 0).astype(np.int64)
+        own = np.pad(own, ((0, 0), (0, width - own.shape[1])))
+        out = {
+            "positive_seq": np.where(found[:, None], prefix, own),
+            "positive_users": np.where(found, owner, batch["user_ids"]),
+        }
+        if self.reversal_flags:
+            out["positive_reversed"] = np.where(found, 0.0, batch["reversed"]).astype(np.float32)
+        return out
+
     def batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         """Build one right-padded batch of examples ``indices`` (numpy, vectorised).
 
@@ -413,10 +454,27 @@ class TrainWindows:
         batch = {"user_ids": self.users[indices].copy(), "item_seq": item_seq, "targets": targets}
         if self.reversal_flags:
             batch["reversed"] = flip.astype(np.float32)
+        if self.positives is not None:
+            last_targets = window[np.arange(len(indices)), length - 1]  # (B,)
+            batch.update(self._same_target_positives(indices, last_targets, batch))
         if groups is not None:
             target_groups = groups if self.use_user_token else groups[:, 1:]
             batch["target_groups"] = np.where(targets > 0, target_groups[:, : targets.shape[1]], 0)
         return batch
+
+
+def _prefix_ends_by_item(starts: np.ndarray, ends: np.ndarray, items: np.ndarray, num_items: int):
+    """Training events with at least one earlier training event of their user, grouped by
+    item: ``(positions, users, item_offsets)``, the positions of item i's events being
+    ``positions[item_offsets[i]:item_offsets[i + 1]]`` (their users alongside)."""
+    counts = np.maximum(ends - starts - 1, 0)  # (U,) events with an earlier one
+    users = np.repeat(np.arange(len(starts)), counts)
+    first = np.repeat(starts + 1 - np.cumsum(counts) + counts, counts)
+    positions = first + np.arange(int(counts.sum()))
+    order = np.argsort(items[positions], kind="stable")
+    positions, users = positions[order], users[order]
+    item_offsets = np.searchsorted(items[positions], np.arange(num_items + 2))
+    return positions.astype(np.int64), users.astype(np.int64), item_offsets.astype(np.int64)
 
 
 def _event_groups(data: ProcessedData) -> np.ndarray:

@@ -378,27 +378,16 @@ def bpr_loss(query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tenso
     return F.softplus(negative_scores - positive_scores[:, None]).mean()  # = -logsigmoid(pos - neg)
 
 
-def last_state_info_nce(
-    first: torch.Tensor, second: torch.Tensor, valid: torch.Tensor, temperature: float
-) -> torch.Tensor:
-    """DuoRec's unsupervised contrastive loss between two dropout draws of the same windows.
+def info_nce(first: torch.Tensor, second: torch.Tensor, temperature: float) -> torch.Tensor:
+    """DuoRec's contrastive loss: ``(n, d)`` states and their positives ``(n, d)``.
 
-    Args:
-        first, second: ``(B, S, d)`` states of the two passes.
-        valid: ``(B, S)`` target positions; each row's last one is its window's state.
-        temperature: the dot products are divided by it.
-
-    Returns:
-        Scalar InfoNCE: each of the 2n states (n rows with a target) must pick its own
-        window's other state among the 2n - 1 others.
+    Each of the 2n states must pick its partner (row i of the other tensor) among the 2n - 1
+    others by dot product over ``temperature``; a scalar mean (0 with fewer than 2 rows).
     """
-    rows = valid.any(dim=1)  # (B,)
-    last = valid.shape[1] - 1 - valid.flip(1).int().argmax(dim=1)  # (B,) last target position
-    index = torch.arange(valid.shape[0], device=valid.device)[rows]  # (n,)
-    if index.numel() < 2:
+    count = first.shape[0]
+    if count < 2:
         return first.sum() * 0.0 + second.sum() * 0.0
-    states = torch.cat([first[index, last[rows]], second[index, last[rows]]]).float()  # (2n, d)
-    count = index.numel()
+    states = torch.cat([first, second]).float()  # (2n, d)
     logits = states @ states.T / temperature  # (2n, 2n)
     logits = logits.masked_fill(torch.eye(2 * count, dtype=torch.bool, device=logits.device), float("-inf"))
     partner = torch.cat([torch.arange(count, 2 * count), torch.arange(count)]).to(logits.device)  # (2n,)
@@ -824,8 +813,7 @@ class StageAModel(nn.Module):
 
         contrastive = zero
         if weights.contrastive > 0 and self.training and positives.numel() > 0:
-            second = self(user_ids, item_seq, reversed_rows)  # (B, S, d): the same windows, new dropout
-            contrastive = last_state_info_nce(states, second, valid, stage_a.contrastive_temperature)
+            contrastive = self._contrastive(batch, user_ids, item_seq, reversed_rows, states)
 
         l2 = zero
         regularization = weights.regularization * self.config.embeddings.lambda_c
@@ -847,6 +835,31 @@ class StageAModel(nn.Module):
             "user_bpr": user_bpr.detach(),
             "l2": l2.detach(),
         }
+
+    def _last_input_states(self, states: torch.Tensor, item_seq: torch.Tensor) -> torch.Tensor:
+        """``(B, S, d)`` -> ``(B, d)``: each row's state at its last input item (the user token
+        for a row without items), the one that predicts the window's last target."""
+        last = (item_seq != 0).sum(dim=1) - (0 if self.use_user_token else 1)  # (B,)
+        return states[torch.arange(states.shape[0], device=states.device), last.clamp_min(0)]
+
+    def _contrastive(self, batch, user_ids, item_seq, reversed_rows, states) -> torch.Tensor:
+        """``stage_a.loss_weights.contrastive``'s term: the last state of each window against a
+        second pass over its positive (``stage_a.contrastive_positive``): the same window with
+        new dropout, or another user's prefix before the same target (``positive_seq``)."""
+        if "positive_seq" in batch:
+            positive_seq = batch["positive_seq"]  # (B, P)
+            positive_reversed = batch.get("positive_reversed")
+            if self.direction_embedding is not None and positive_reversed is None:
+                positive_reversed = torch.zeros_like(reversed_rows)
+            second = self(batch["positive_users"], positive_seq, positive_reversed)  # (B, P[+1], d)
+        else:
+            positive_seq = item_seq
+            second = self(user_ids, item_seq, reversed_rows)  # (B, S, d): new dropout
+        return info_nce(
+            self._last_input_states(states, item_seq),
+            self._last_input_states(second, positive_seq),
+            self.config.stage_a.contrastive_temperature,
+        )
 
     # ---- checkpoints -----------------------------------------------------------------------
 

@@ -240,6 +240,9 @@ class StageATrainer:
             reversal_prob=reversal_prob,
             tie_groups=config.stage_a.ce.tied_targets,
             reversal_flags=config.model.direction_token,
+            same_target_positives=(
+                config.stage_a.loss_weights.contrastive > 0 and config.stage_a.contrastive_positive == "same_target"
+            ),
         )
         self.global_batch = config.stage_a.batch_size * self.world
         targets_per_window = self.windows.expected_targets  # (windows,)
