@@ -370,6 +370,10 @@ def test_info_nce_by_hand():
     far = torch.tensor([[30.0, 0.0], [0.0, 30.0]])  # well separated pairs: the loss goes to 0
     assert info_nce(far, far.clone(), 1.0).item() < 1e-6
     assert info_nce(first[:1], second[:1], 1.0).item() == 0.0  # one row: nothing to contrast
+    # Cosine: the dot product of the normalised states, whatever their norms.
+    assert torch.allclose(info_nce(first, second, 0.5, cosine=True),
+                          info_nce(F.normalize(first, dim=1), 7 * F.normalize(second, dim=1) / 7, 0.5))
+    assert torch.allclose(info_nce(3 * first, 0.1 * second, 0.2, cosine=True), info_nce(first, second, 0.2, cosine=True))
 
 
 @pytest.mark.parametrize("user_token", [False, True])

@@ -615,6 +615,11 @@ class StageAConfig:
     network by. Validation and test histories are never touched."""
     contrastive_temperature: float = 1.0
     """Temperature of the contrastive term (``stage_a.loss_weights.contrastive``); DuoRec's 1."""
+    contrastive_similarity: Literal["dot", "cosine"] = "dot"
+    """The contrastive term's similarity: DuoRec's dot product, or the cosine (the states
+    L2-normalised first, so the logits stay within +-1/temperature whatever the states' norm:
+    trained networks' states have norms of 10-30, and a dot product over temperature 1
+    saturates the softmax)."""
     contrastive_positive: Literal["dropout", "same_target"] = "dropout"
     """The contrastive term's positive for a window's last state: ``dropout``, the same window
     with new dropout (DuoRec's unsupervised term); ``same_target``, another user's training

@@ -245,12 +245,12 @@ class TrainWindows:
             deletions) with this probability, anew in every epoch and batch.
         reversal_flags: batches also carry ``reversed`` (B,): 1 for a window read in reverse,
             else 0 (all 0 without ``reversal_prob``), for ``model.direction_token``.
-        same_target_positives: batches also carry ``positive_seq`` (B, P), ``positive_users``
+        same_target_positives: batches also carry ``positive_seq`` (B, T), ``positive_users``
             (B,) and (with ``reversal_flags``) ``positive_reversed`` (B,): for each row, the
             training prefix of another user that ends just before an event of the row's last
-            target item (DuoRec's supervised positive, up to ``max_seq_len`` items, right-padded,
-            from the file's order), drawn anew in every epoch and batch; a row whose item no
-            other user has gets its own input instead.
+            target item (DuoRec's supervised positive: its most recent items, as many as the
+            batch's inputs are wide, right-padded, from the file's order), drawn anew in every
+            epoch and batch; a row whose item no other user has gets its own input instead.
         tie_groups: batches also carry ``target_groups``: for each target, the id of its run of
             same-timestamp events (a user's events with one timestamp share an id; every other
             event has its own), so the loss can treat a run's order as unknown
@@ -400,14 +400,13 @@ class TrainWindows:
         found = other.any(axis=1)  # (B,)
         end = positions[pick] if len(positions) else np.zeros(len(indices), dtype=np.int64)  # (B,)
         owner = owners[pick] if len(positions) else np.zeros(len(indices), dtype=np.int64)  # (B,)
-        start = np.maximum(self.user_starts[owner], end - self.max_seq_len)  # (B,)
-        length = np.where(found, end - start, 0)  # (B,) >= 1 where found
         own = batch["item_seq"]  # (B, T)
-        width = max(int(length.max(initial=0)), own.shape[1])
-        column = np.arange(width)[None, :]  # (1, P)
+        width = own.shape[1]  # as long as the batch's own inputs: the second pass costs the first's
+        start = np.maximum(self.user_starts[owner], end - width)  # (B,)
+        length = np.where(found, end - start, 0)  # (B,) >= 1 where found
+        column = np.arange(width)[None, :]  # (1, T)
         gather = np.minimum(start[:, None] + column, len(self.file_items) - 1)  # (B, P)
         prefix = np.where(column < length[:, None], self.file_items[gather], 0).astype(np.int64)
-        own = np.pad(own, ((0, 0), (0, width - own.shape[1])))
         out = {
             "positive_seq": np.where(found[:, None], prefix, own),
             "positive_users": np.where(found, owner, batch["user_ids"]),

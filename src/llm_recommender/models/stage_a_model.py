@@ -378,16 +378,19 @@ def bpr_loss(query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tenso
     return F.softplus(negative_scores - positive_scores[:, None]).mean()  # = -logsigmoid(pos - neg)
 
 
-def info_nce(first: torch.Tensor, second: torch.Tensor, temperature: float) -> torch.Tensor:
+def info_nce(first: torch.Tensor, second: torch.Tensor, temperature: float, cosine: bool = False) -> torch.Tensor:
     """DuoRec's contrastive loss: ``(n, d)`` states and their positives ``(n, d)``.
 
     Each of the 2n states must pick its partner (row i of the other tensor) among the 2n - 1
-    others by dot product over ``temperature``; a scalar mean (0 with fewer than 2 rows).
+    others by dot product (``cosine``: of the L2-normalised states) over ``temperature``; a
+    scalar mean (0 with fewer than 2 rows).
     """
     count = first.shape[0]
     if count < 2:
         return first.sum() * 0.0 + second.sum() * 0.0
     states = torch.cat([first, second]).float()  # (2n, d)
+    if cosine:
+        states = F.normalize(states, dim=1)
     logits = states @ states.T / temperature  # (2n, 2n)
     logits = logits.masked_fill(torch.eye(2 * count, dtype=torch.bool, device=logits.device), float("-inf"))
     partner = torch.cat([torch.arange(count, 2 * count), torch.arange(count)]).to(logits.device)  # (2n,)
@@ -859,6 +862,7 @@ class StageAModel(nn.Module):
             self._last_input_states(states, item_seq),
             self._last_input_states(second, positive_seq),
             self.config.stage_a.contrastive_temperature,
+            cosine=self.config.stage_a.contrastive_similarity == "cosine",
         )
 
     # ---- checkpoints -----------------------------------------------------------------------
