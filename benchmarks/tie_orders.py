@@ -1,0 +1,140 @@
+"""Does a scorer gain from averaging over the unknown order of same-second history events?
+
+    python benchmarks/tie_orders.py --data_dir DATA --network NAME=CHECKPOINT [--network ...]
+        [--split valid] [--orders 32] [--average probability] [--threads 1] [--name NAME]
+
+A user's events with one timestamp (74% of MovieLens-100k's) have no known order: the file's
+is arbitrary, and `stage_a.shuffle_tied_events` trains on a new one every epoch. This scores
+each history as the file orders it (the evaluator's protocol) and as the mean over ``--orders``
+random orders of its runs of same-timestamp events (time order kept, the history's set of items
+unchanged, so the same items are masked), for each network (scored without its neighbour table)
+and for item-kNN (``itemknn`` on valid, ``itemknn_with_valid`` on test), and prints full-ranking
+NDCG@10 with the ratio of the averaged to the file-order figure, measured in the same run. The
+network averages probabilities (``--average probability``, its prediction marginalised over the
+orders) or logits (``score``); item-kNN always averages its scores. The result goes to
+``benchmarks/results/tie_orders_<name>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import machine, write_result  # noqa: E402
+
+
+class TieOrderAverage:
+    """A scorer over the evaluator's interface whose scores are the mean over ``orders``
+    random orders of each history's same-timestamp runs (a seeded draw per call)."""
+
+    def __init__(self, scorer, data, split: str, max_seq_len: int, orders: int, probabilities: bool, seed: int = 0):
+        import torch
+
+        self.torch = torch
+        self.scorer = scorer
+        self.item_knn = None
+        self.items = np.asarray(data.items)
+        self.timestamps = np.asarray(data.timestamps)
+        self.offsets = np.asarray(data.offsets)
+        users, positions = data.eval_examples(split)
+        self.target = dict(zip(users.tolist(), positions.tolist()))
+        self.max_seq_len = max_seq_len
+        self.orders = orders
+        self.probabilities = probabilities
+        self.rng = np.random.default_rng(seed)
+
+    def full_sort_predict(self, user_ids, item_seq):
+        torch = self.torch
+        spans = []
+        for user in user_ids.tolist():
+            end = self.target[user]
+            start = max(int(self.offsets[user]), end - self.max_seq_len)
+            spans.append(np.arange(start, end))
+        width = max(1, max(len(s) for s in spans))
+        total = None
+        for _ in range(self.orders):
+            rows = np.zeros((len(spans), width), dtype=np.int64)
+            for row, span in enumerate(spans):
+                order = np.lexsort((self.rng.random(len(span)), self.timestamps[span]))  # ties shuffled
+                rows[row, : len(span)] = self.items[span[order]]
+            with torch.no_grad():
+                scores = self.scorer.full_sort_predict(user_ids, torch.from_numpy(rows)).float()
+            scores[:, 0] = -1e30  # padding (restored below)
+            if self.probabilities:
+                scores = torch.softmax(scores, dim=1)
+            total = scores if total is None else total + scores
+        if self.probabilities:
+            total = total.clamp_min(1e-30).log()
+        total[:, 0] = float("-inf")
+        return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", required=True)
+    parser.add_argument("--network", action="append", default=[], metavar="NAME=CHECKPOINT",
+                        help="a checkpoint scored without its neighbour table, repeatable")
+    parser.add_argument("--split", choices=("valid", "test"), default="valid")
+    parser.add_argument("--orders", type=int, default=32, help="random orders averaged (>= 2)")
+    parser.add_argument("--average", choices=("probability", "score"), default="probability")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--name", default=None, help="result file suffix (default: the data folder's name)")
+    args = parser.parse_args()
+    if args.orders < 2:
+        parser.error("--orders must be >= 2")
+
+    import torch
+
+    from llm_recommender.checkpoint import load_checkpoint
+    from llm_recommender.config import EvaluationConfig
+    from llm_recommender.data.dataset import ProcessedData
+    from llm_recommender.errors import LLMRecError
+    from llm_recommender.evaluation.baselines import get_baseline
+    from llm_recommender.evaluation.evaluator import evaluate
+
+    torch.set_num_threads(args.threads)
+    specs = {}
+    for spec in args.network:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path or name in specs or name == "item-kNN":
+            parser.error(f"--network {spec!r}: expected NAME=CHECKPOINT with a new name")
+        specs[name] = Path(path)
+    eval_config = EvaluationConfig()
+    rows = {}
+    try:
+        data = ProcessedData(args.data_dir)
+        if not data.meta.get("has_timestamps", True):
+            sys.exit(f"error: {args.data_dir}: the data has no timestamps, so no ties to reorder")
+        scorers = {}
+        for name, path in specs.items():
+            model, config, _ = load_checkpoint(path)
+            model.attach_item_knn(None, 0.0)
+            scorers[name] = (model, config.model.max_seq_len, args.average == "probability")
+        baseline = "itemknn_with_valid" if args.split == "test" else "itemknn"
+        scorers["item-kNN"] = (get_baseline(baseline, data, split=args.split), 50, False)
+        for name, (scorer, max_len, probabilities) in scorers.items():
+            plain = evaluate(scorer, data, args.split, eval_config, max_len, protocols=("full",))["full"]["NDCG@10"]
+            averaged_scorer = TieOrderAverage(scorer, data, args.split, max_len, args.orders, probabilities)
+            averaged = evaluate(averaged_scorer, data, args.split, eval_config, max_len, protocols=("full",))
+            value = averaged["full"]["NDCG@10"]
+            rows[name] = {"file_order": round(plain, 4), f"mean_of_{args.orders}_orders": round(value, 4),
+                          "ratio": round(value / plain, 3) if plain > 0 else None}
+            print(f"{name:<12} {args.split} full NDCG@10: file order {plain:.4f}, mean of {args.orders} orders "
+                  f"{value:.4f} ({rows[name]['ratio']}x)")
+    except LLMRecError as exc:
+        sys.exit(f"error: {exc}")
+    write_result(
+        f"tie_orders_{args.name or Path(args.data_dir).name}",
+        {"split": args.split, "orders": args.orders, "average": args.average, "data_dir": str(args.data_dir),
+         "networks": {k: str(v) for k, v in specs.items()}, "item_knn": baseline, "results": rows,
+         "command": " ".join(sys.argv), "machine": machine()},
+    )
+
+
+if __name__ == "__main__":
+    main()
