@@ -413,10 +413,11 @@ class LossWeights:
     regularization: float = 0.0
     """Weight of ``L_reg = embeddings.lambda_c * (||E_user||^2 + ||E_item||^2)``."""
     contrastive: float = 0.0
-    """Weight of a contrastive regulariser (DuoRec's unsupervised term; 0: off): each training
-    window goes through the network a second time with new dropout, and the two states at its
-    last position are pulled together against the other windows of the batch (InfoNCE, dot
-    product over ``stage_a.contrastive_temperature``). One more forward and backward pass."""
+    """Weight of a contrastive regulariser (DuoRec's; 0: off): the state that predicts each
+    training window's last target is pulled towards a second pass over its positive
+    (``stage_a.contrastive_positive``) against the batch's other windows (InfoNCE with
+    ``stage_a.contrastive_similarity`` over ``stage_a.contrastive_temperature``). One more
+    forward and backward pass."""
 
     def __post_init__(self) -> None:
         for key in ("collaborative", "cf_bpr", "context_bpr", "user_bpr", "regularization", "contrastive"):
