@@ -596,8 +596,8 @@ def test_window_reversal_reads_some_windows_backwards_anew_every_epoch(tmp_path)
 def test_same_target_positives_are_other_users_prefixes_before_the_same_item(tmp_path):
     """stage_a.contrastive_positive=same_target: each row's positive is another user's training
     prefix that ends just before an event of the row's last target (DuoRec's supervised
-    positive), at most max_seq_len items, drawn anew per epoch; a row whose item no other user
-    has gets its own input and user."""
+    positive), its most recent items up to the batch's input width, drawn anew per epoch; a row
+    whose item no other user has gets its own input and user."""
     from processed_helpers import write_processed
 
     folder = tmp_path / "pos"

@@ -387,30 +387,31 @@ class TrainWindows:
     def _same_target_positives(self, indices: np.ndarray, last_targets: np.ndarray, batch: dict) -> dict:
         """DuoRec's supervised positives for :meth:`batch` (``same_target_positives``)."""
         positions, owners, item_offsets = self.positives
+        own = batch["item_seq"]  # (B, T)
+        out = {"positive_seq": own, "positive_users": batch["user_ids"]}  # each row's own input
+        if self.reversal_flags:
+            out["positive_reversed"] = batch["reversed"]
+        if len(positions) == 0:  # no training event has an earlier one: nothing to draw
+            return out
         rng = self._batch_rng(0x5A3E, indices)
         first = item_offsets[last_targets]  # (B,)
         count = item_offsets[last_targets + 1] - first  # (B,) events of each row's last target
         # Up to 4 draws per row, keeping the first from another user (a draw of the row's own
         # user is not a different sequence).
         draws = first[:, None] + (rng.random((len(indices), 4)) * count[:, None]).astype(np.int64)  # (B, 4)
-        draws = np.minimum(draws, max(len(positions) - 1, 0))
-        owner_draws = owners[draws] if len(positions) else np.zeros(draws.shape, dtype=np.int64)  # (B, 4)
-        other = (owner_draws != batch["user_ids"][:, None]) & (count[:, None] > 0)  # (B, 4)
+        draws = np.minimum(draws, len(positions) - 1)
+        other = (owners[draws] != batch["user_ids"][:, None]) & (count[:, None] > 0)  # (B, 4)
         pick = draws[np.arange(len(indices)), other.argmax(axis=1)]  # (B,)
         found = other.any(axis=1)  # (B,)
-        end = positions[pick] if len(positions) else np.zeros(len(indices), dtype=np.int64)  # (B,)
-        owner = owners[pick] if len(positions) else np.zeros(len(indices), dtype=np.int64)  # (B,)
-        own = batch["item_seq"]  # (B, T)
+        end, owner = positions[pick], owners[pick]  # (B,) the target event's position, its user
         width = own.shape[1]  # as long as the batch's own inputs: the second pass costs the first's
         start = np.maximum(self.user_starts[owner], end - width)  # (B,)
         length = np.where(found, end - start, 0)  # (B,) >= 1 where found
         column = np.arange(width)[None, :]  # (1, T)
-        gather = np.minimum(start[:, None] + column, len(self.file_items) - 1)  # (B, P)
+        gather = np.minimum(start[:, None] + column, len(self.file_items) - 1)  # (B, T)
         prefix = np.where(column < length[:, None], self.file_items[gather], 0).astype(np.int64)
-        out = {
-            "positive_seq": np.where(found[:, None], prefix, own),
-            "positive_users": np.where(found, owner, batch["user_ids"]),
-        }
+        out["positive_seq"] = np.where(found[:, None], prefix, own)
+        out["positive_users"] = np.where(found, owner, batch["user_ids"])
         if self.reversal_flags:
             out["positive_reversed"] = np.where(found, 0.0, batch["reversed"]).astype(np.float32)
         return out
