@@ -1,10 +1,12 @@
 """Where a model wins or loses against item-kNN: full-ranking NDCG@10 per group of users.
 
     python benchmarks/breakdown.py --data_dir DATA --model NAME=CHECKPOINT [--model ...]
-        [--network NAME=CHECKPOINT ...] [--split test] [--knn_direction both] [--threads 1] [--name NAME]
+        [--network NAME=CHECKPOINT ...] [--split test] [--knn_direction both] [--tied_orders N]
+        [--threads 1] [--name NAME]
 
 ``--model`` scores a checkpoint as it is (with its neighbour table, if it has one);
-``--network`` scores it without the table: the network alone.
+``--network`` scores it without the table: the network alone. Each checkpoint is scored with
+its own ``evaluation.tied_orders`` unless ``--tied_orders`` is given.
 
 Scores every user of the split with each checkpoint and with the item co-occurrence baseline
 (``itemknn_with_valid`` on test, ``itemknn`` on valid: the counts the input can see), then
@@ -24,6 +26,7 @@ a few hundred users has a 95% interval of several points of NDCG@10.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -69,6 +72,9 @@ def main() -> None:
     parser.add_argument("--split", choices=("valid", "test"), default="test")
     parser.add_argument("--knn_direction", choices=("both", "forward"), default="both",
                         help="item-kNN's co-occurrence: either order (the baseline) or forward only")
+    parser.add_argument("--tied_orders", type=int, default=None,
+                        help="orders of tied history events to average the models' scores over "
+                             "(default: each checkpoint's evaluation.tied_orders)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--name", default=None, help="result file suffix (default: the data folder's name)")
     args = parser.parse_args()
@@ -98,14 +104,17 @@ def main() -> None:
     try:
         data = ProcessedData(args.data_dir)
         eval_config = EvaluationConfig()
-        scores, max_len = {}, 50
+        scores, max_len, used_orders = {}, 50, {}
         for name, (path, network_alone) in models.items():
             model, config, _ = load_checkpoint(path)
             if network_alone:
                 model.attach_item_knn(None, 0.0)
             max_len = config.model.max_seq_len
-            result = evaluate(model, data, args.split, eval_config, max_len, protocols=("full",), return_ranks=True)
+            orders = args.tied_orders if args.tied_orders is not None else config.evaluation.tied_orders
+            model_config = dataclasses.replace(eval_config, tied_orders=orders)
+            result = evaluate(model, data, args.split, model_config, max_len, protocols=("full",), return_ranks=True)
             scores[name] = (result["users"], ndcg_at_k(result["ranks"]["full"], 10))
+            used_orders[name] = result["tied_orders"]
         baseline = "itemknn_with_valid" if args.split == "test" else "itemknn"
         knn = get_baseline(baseline, data, split=args.split, settings=ItemKNNConfig(direction=args.knn_direction))
         result = evaluate(knn, data, args.split, eval_config, max_len, protocols=("full",), return_ranks=True)
@@ -137,7 +146,7 @@ def main() -> None:
         print(f"{group:<{width}}  n={row['users']:<6d} " + "  ".join(cells))
     write_result(
         f"breakdown_{args.name or Path(args.data_dir).name}",
-        {"split": args.split, "data_dir": str(args.data_dir), "models": {k: {"checkpoint": str(p), "network_alone": alone} for k, (p, alone) in models.items()},
+        {"split": args.split, "data_dir": str(args.data_dir), "models": {k: {"checkpoint": str(p), "network_alone": alone, "tied_orders": used_orders[k]} for k, (p, alone) in models.items()},
          "item_knn": baseline, "item_knn_direction": args.knn_direction, "groups": table, "command": " ".join(sys.argv), "machine": machine()},
     )
 

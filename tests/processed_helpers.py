@@ -18,6 +18,7 @@ def write_processed(
     num_items: int | None = None,
     user_ids: Sequence[str] | None = None,
     item_ids: Sequence[str] | None = None,
+    timestamps: Sequence[Sequence[int]] | None = None,
 ) -> ProcessedData:
     """A processed folder with leave-one-out labels (users with < 3 events: all training).
 
@@ -26,6 +27,7 @@ def write_processed(
         sequences: item indices (1-based) of users 1..U, oldest first.
         num_items: catalogue size (default: the largest index used).
         user_ids / item_ids: original ids (default ``u1..``, ``i1..``).
+        timestamps: per user, one per event (default: all distinct, increasing).
     """
     folder.mkdir(parents=True, exist_ok=True)
     num_items = num_items or max(max(s) for s in sequences)
@@ -37,7 +39,11 @@ def write_processed(
     )
     np.save(folder / "seq_offsets.npy", offsets)
     np.save(folder / "seq_items.npy", items)
-    np.save(folder / "seq_timestamps.npy", np.arange(len(items), dtype=np.int64))
+    if timestamps is None:
+        stamps = np.arange(len(items), dtype=np.int64)
+    else:
+        stamps = np.concatenate([np.asarray(t, dtype=np.int64) for t in timestamps])
+    np.save(folder / "seq_timestamps.npy", stamps)
     np.save(folder / "seq_split.npy", labels)
     user_ids = user_ids or [f"u{i}" for i in range(1, len(sequences) + 1)]
     item_ids = item_ids or [f"i{i}" for i in range(1, num_items + 1)]

@@ -22,6 +22,7 @@ from llm_recommender.evaluation.evaluator import (
     run_evaluation_command,
     sample_candidates,
     save_candidates,
+    tied_history_orders,
 )
 from processed_helpers import write_processed  # noqa: E402  (tests/ is on sys.path)
 
@@ -256,6 +257,106 @@ def test_scores_of_the_wrong_width_are_an_error(tmp_path):
     data = random_data(tmp_path / "d", 10, 30)
     with pytest.raises(DataError, match="30 items"):
         evaluate(TableScorer(np.zeros(21)), data, "test", EvaluationConfig(), 4, protocols=("full",))
+
+
+# ------------------------------------------------------------------------------ tied orders
+
+
+class LastItemScorer:
+    """Scores an item by its closeness to the last input item: the order of the input matters."""
+
+    def __init__(self, num_items: int) -> None:
+        self.num_items = num_items
+
+    def _last(self, item_seq):
+        lengths = (item_seq != 0).sum(1).clamp(min=1)  # (B,)
+        return item_seq.gather(1, (lengths - 1).view(-1, 1)).float()  # (B, 1)
+
+    def full_sort_predict(self, user_ids, item_seq):
+        items = torch.arange(self.num_items + 1, dtype=torch.float32).view(1, -1)
+        return -(items - self._last(item_seq)).abs()  # (B, I+1)
+
+    def predict_candidates(self, user_ids, item_seq, candidates):
+        return -(candidates.float() - self._last(item_seq)).abs()
+
+
+# User 1: events 1-4 in one second, then 5 (validation) and 6 (test) in later seconds.
+# User 2: 7 and 8 in one second, 9 alone; its validation (10) and test (11) events share the
+# second of 9, which must not let the targets move into or out of the history.
+TIED_SEQUENCES = [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11]]
+TIED_STAMPS = [[10, 10, 10, 10, 20, 30], [5, 5, 6, 6, 6]]
+
+
+def test_tied_orders_shuffle_only_tied_history_events(tmp_path):
+    data = write_processed(tmp_path / "d", TIED_SEQUENCES, num_items=11, timestamps=TIED_STAMPS)
+    users, positions = data.eval_examples("test")
+    readings = tied_history_orders(data, users, positions, 40, seed=3)
+    assert len(readings) == 40 and np.array_equal(readings[0], np.asarray(data.items))
+    firsts = set()
+    for reading in readings:
+        assert sorted(reading[:4]) == [1, 2, 3, 4]  # user 1's tied group keeps its places ...
+        assert reading[4:6].tolist() == [5, 6]  # ... and untied events theirs
+        # User 2's test history [7, 8, 9, 10] has two tied pairs; its target 11 stays last.
+        assert sorted(reading[6:8]) == [7, 8] and sorted(reading[8:10]) == [9, 10] and reading[10] == 11
+        firsts.add(int(reading[0]))
+    assert firsts == {1, 2, 3, 4}  # every order is drawn
+    # Seeded: the same readings again; one reading is the file's only.
+    again = tied_history_orders(data, users, positions, 40, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(readings, again))
+    assert len(tied_history_orders(data, users, positions, 1, seed=3)) == 1
+
+
+def test_tied_orders_never_move_the_target_or_later_events(tmp_path):
+    # User 2's validation target (10) shares the second of 9, the last history event: the
+    # history [7, 8, 9] has one tied group (7, 8), and 9, 10, 11 stay where they are.
+    data = write_processed(tmp_path / "d", TIED_SEQUENCES, num_items=11, timestamps=TIED_STAMPS)
+    users, positions = data.eval_examples("valid")
+    for reading in tied_history_orders(data, users, positions, 20, seed=0):
+        assert reading[8:].tolist() == [9, 10, 11]
+        assert sorted(reading[:4]) == [1, 2, 3, 4] and reading[4:6].tolist() == [5, 6]
+
+
+def test_evaluation_averages_scores_over_tied_orders(tmp_path):
+    # User 1's tested history [1, 2, 3, 4] has no tie. User 2's, [6, 2, 8], ends in a tie
+    # (2 and 8 in one second): read as the file has it, the last item is 8 and target 7 ranks
+    # behind 9 only; read [6, 8, 2], it ranks behind 1, 3, 4 and 5.
+    sequences = [[1, 2, 3, 4, 9], [6, 2, 8, 7]]
+    stamps = [[1, 2, 3, 4, 5], [1, 2, 2, 3]]
+    data = write_processed(tmp_path / "d", sequences, num_items=9, timestamps=stamps)
+    scorer = LastItemScorer(data.num_items)
+    config = EvaluationConfig(num_negatives=3, tied_orders=64)
+    one = evaluate(scorer, data, "test", EvaluationConfig(num_negatives=3), 3, return_ranks=True)
+    many = evaluate(scorer, data, "test", config, 3, return_ranks=True)
+    assert one["tied_orders"] == 1 and many["tied_orders"] == 64
+    assert one["ranks"]["full"].tolist() == [4, 1]  # user 1: 5, 6, 7, 8 are nearer 4 than 9
+    assert many["ranks"]["full"][0] == 4  # no tie, no change
+    # User 2's scores are the mean over the drawn readings: a share p ends in 8, the rest in 2.
+    readings = tied_history_orders(data, *data.eval_examples("test"), 64, seed=config.seed)
+    last = [int(r[7]) for r in readings]  # the flat position of user 2's third event
+    assert set(last) == {2, 8}
+    p = last.count(8) / len(last)
+    items = np.arange(data.num_items + 1)
+    expected = -(p * np.abs(items - 8) + (1 - p) * np.abs(items - 2))
+    expected[[0, 6, 2, 8]] = -np.inf  # padding and the history are masked
+    ahead = int((expected >= expected[7]).sum()) - 1  # ties count against the target
+    assert many["ranks"]["full"][1] == ahead
+    assert ahead != one["ranks"]["full"][1]
+
+
+def test_evaluation_without_ties_ignores_tied_orders(tmp_path):
+    data = random_data(tmp_path / "d", 30, 60)
+    scorer = DotScorer(data.num_users, data.num_items)
+    base = EvaluationConfig(num_negatives=20)
+    one = strip_timing(evaluate(scorer, data, "test", base, 6, cache_candidates=False))
+    many = strip_timing(evaluate(scorer, data, "test", EvaluationConfig(num_negatives=20, tied_orders=8), 6,
+                                 cache_candidates=False))
+    assert many.pop("tied_orders") == 1 and one.pop("tied_orders") == 1
+    assert one == many
+
+
+def test_tied_orders_must_be_positive():
+    with pytest.raises(ConfigError, match="evaluation.tied_orders"):
+        EvaluationConfig(tied_orders=0)
 
 
 # ------------------------------------------------------------------------------ the command

@@ -114,6 +114,36 @@ def test_known_user_top_k_matches_hand_computation_and_excludes_history(tmp_path
     assert item_seq[0].tolist() == history[-4:]
 
 
+def test_known_user_scores_are_averaged_over_orders_of_tied_events(tmp_path):
+    # Alice's last two events share a second: the model's last item is 5 or 6 by the order.
+    from llm_recommender.evaluation.evaluator import tied_readings
+
+    sequences = [[1, 2, 3, 4, 5, 6], [3, 1], [7, 8, 9, 10, 1, 2, 3]]
+    stamps = [[1, 2, 3, 4, 9, 9], [1, 2], [1, 2, 3, 4, 5, 6, 7]]
+    data = write_indexed(tmp_path / "d", sequences, 10, timestamps=stamps)
+    model = FakeModel(data.num_users, data.num_items)
+    plain = Recommender(model, data)
+    rec = Recommender(model, data, tied_orders=16, tied_seed=5)
+    table = model.embeddings.item_embeddings.weight.detach().numpy()
+    user_rows = model.embeddings.user_embeddings.weight.detach().numpy()
+    lasts = [int(r[5]) for r in tied_readings(np.arange(1, 7), np.array(stamps[0]), [0], [6], 16, 5)]
+    assert set(lasts) == {5, 6}  # both orders drawn; the file's first
+    state = user_rows[1] + table[lasts].mean(axis=0)
+    expected = table @ state
+    expected[[0, 1, 2, 3, 4, 5, 6]] = -np.inf
+    items, scores = rec.recommend_users(np.array([1, 2, 3]), k=3)
+    assert items[0].tolist() == [int(i) for i in np.argsort(-expected, kind="stable")[:3]]
+    np.testing.assert_allclose(scores[0], np.sort(expected)[::-1][:3], rtol=1e-5)
+    # Users without ties: exactly the plain scores; the query vectors score the same.
+    plain_items, plain_scores = plain.recommend_users(np.array([2, 3]), k=3)
+    assert np.array_equal(items[1:], plain_items) and np.allclose(scores[1:], plain_scores)
+    states = rec.user_states(np.array([1]))
+    np.testing.assert_allclose(states[0], state, rtol=1e-5, atol=1e-6)
+    # A cold history carries no timestamps: read as given.
+    cold, _ = rec.recommend_history(np.array([1, 2, 3, 4, 5, 6]), k=3)
+    assert cold.tolist() == plain.recommend_history(np.array([1, 2, 3, 4, 5, 6]), k=3)[0].tolist()
+
+
 def test_keep_seen_includes_history_items(tmp_path):
     rec, sequences = fake_recommender(tmp_path)
     carol = rec.user_to_index("carol")

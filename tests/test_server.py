@@ -328,3 +328,29 @@ def test_a_bug_is_a_generic_500_and_the_server_keeps_serving(threaded_server, re
     assert "simulated bug" not in response.text
     monkeypatch.undo()
     assert httpx.post(f"{url}/recommend", json={"user_id": "u1"}).status_code == 200
+
+
+def test_known_users_are_served_averaged_over_tied_orders_as_recommend_users(threaded_server, recommender, monkeypatch):
+    # Every user's events in pairs of one timestamp, scored over 8 orders of each pair.
+    monkeypatch.setattr(recommender, "timestamps", np.arange(len(recommender.items)) // 2)
+    monkeypatch.setattr(recommender, "tied_orders", 8)
+    url = threaded_server(batch_window_ms=0)
+    users = np.arange(1, 6)
+    items, scores = recommender.recommend_users(users, k=5)
+    monkeypatch.setattr(recommender, "tied_orders", 1)
+    _, plain = recommender.recommend_users(users, k=5)
+    monkeypatch.setattr(recommender, "tied_orders", 8)
+    assert not np.allclose(scores, plain)  # the orders change the scores
+    history = [recommender.item_ids[i - 1] for i in recommender.history_of(1)]
+    response = httpx.post(
+        f"{url}/recommend/batch",
+        json={"requests": [{"user_id": recommender.user_ids[u - 1], "k": 5} for u in users] + [{"history": history, "k": 5}]},
+    )
+    assert response.status_code == 200
+    results = response.json()["results"]
+    for row, result in enumerate(results[:5]):
+        assert [entry["item_id"] for entry in result["items"]] == [recommender.item_ids[i - 1] for i in items[row]]
+        np.testing.assert_allclose([entry["score"] for entry in result["items"]], scores[row], rtol=1e-5)
+    cold, cold_scores = recommender.recommend_history(recommender.history_of(1), k=5)  # no timestamps: one order
+    assert [entry["item_id"] for entry in results[5]["items"]] == [recommender.item_ids[i - 1] for i in cold]
+    np.testing.assert_allclose([entry["score"] for entry in results[5]["items"]], cold_scores, rtol=1e-5)

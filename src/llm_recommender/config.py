@@ -781,6 +781,13 @@ class EvaluationConfig:
     """Users scored at once."""
     split: Literal["valid", "test"] = "test"
     """Split evaluated by ``llmrec evaluate`` / ``scripts/predict.py``."""
+    tied_orders: int = 1
+    """Orders of a history's same-timestamp events the model's scores are averaged over. A
+    user's events with one timestamp (MovieLens rates many films in one second) have no true
+    order, but the network reads them in one; with ``n > 1`` every evaluated history is also
+    read in ``n - 1`` random orders of its tied groups (seeded by ``seed``; only the history's
+    own timestamps are used, never the target's) and the scores are averaged. 1: the file's
+    order only. No effect on data without ties."""
 
     def __post_init__(self) -> None:
         _check(
@@ -793,6 +800,7 @@ class EvaluationConfig:
             "must be a non-empty list of positive integers",
         )
         _check(self.batch_size >= 1, "evaluation.batch_size", self.batch_size, "must be >= 1")
+        _check(self.tied_orders >= 1, "evaluation.tied_orders", self.tied_orders, "must be >= 1")
 
 
 @dataclass

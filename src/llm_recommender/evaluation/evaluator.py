@@ -115,6 +115,60 @@ def history_items(
     return rows, np.asarray(items)[_concat_ranges(starts, lengths)].astype(np.int64)
 
 
+def tied_readings(
+    items: np.ndarray,
+    timestamps: np.ndarray,
+    starts: np.ndarray,
+    ends: np.ndarray,
+    num_orders: int,
+    seed: int,
+) -> list[np.ndarray]:
+    """A flat item array in ``num_orders`` readings: as given, then ``num_orders - 1`` seeded
+    random orders of every group of tied events inside a history.
+
+    A history is ``items[starts[i]:ends[i]]`` (distinct, non-overlapping ranges); a group is a
+    run of its consecutive events with one timestamp. Events outside every history never move
+    (an evaluated user's target and later events), so no timestamp outside a history is read.
+    Without ties the given reading alone comes back.
+    """
+    items = np.asarray(items)
+    if num_orders <= 1 or len(starts) == 0:
+        return [items]
+    timestamps = np.asarray(timestamps)
+    starts = np.asarray(starts, dtype=np.int64)
+    marks = np.zeros(len(items) + 1, dtype=np.int64)  # +1 where a history starts, -1 where it ends
+    np.add.at(marks, starts, 1)
+    np.add.at(marks, np.asarray(ends, dtype=np.int64), -1)
+    in_history = np.cumsum(marks[:-1]) > 0
+    new_group = np.ones(len(items), dtype=bool)
+    new_group[1:] = (timestamps[1:] != timestamps[:-1]) | (in_history[1:] != in_history[:-1])
+    new_group[starts[starts < len(items)]] = True
+    groups = np.cumsum(new_group) - 1
+    tied = np.flatnonzero(in_history & (np.bincount(groups)[groups] > 1))
+    if len(tied) == 0:
+        return [items]
+    readings = [items]
+    for draw in range(1, num_orders):
+        rng = np.random.default_rng([seed, draw, 0x71E5])
+        order = np.lexsort((rng.random(len(tied)), groups[tied]))  # groups stay in place
+        reading = items.copy()
+        reading[tied] = items[tied[order]]
+        readings.append(reading)
+    return readings
+
+
+def tied_history_orders(
+    data: ProcessedData, users: np.ndarray, positions: np.ndarray, num_orders: int, seed: int
+) -> list[np.ndarray]:
+    """``data.items`` in ``num_orders`` readings (:func:`tied_readings`): the file's, then
+    random orders of the same-timestamp groups of each user's history before ``positions``.
+    The target's own timestamp is never read."""
+    if num_orders <= 1 or len(users) == 0:
+        return [np.asarray(data.items)]
+    starts = np.asarray(data.offsets)[np.asarray(users)]
+    return tied_readings(data.items, data.timestamps, starts, positions, num_orders, seed)
+
+
 # --------------------------------------------------------------------------------------------
 # Negative candidates
 # --------------------------------------------------------------------------------------------
@@ -561,6 +615,33 @@ def evaluate(
     # their users' slots, so the order changes nothing in the results.
     history_lengths = np.minimum(positions[selection] - offsets[users[selection]], max_seq_len)
     visit = np.argsort(history_lengths, kind="stable")
+    readings = tied_history_orders(
+        data, users[selection], positions[selection], eval_config.tied_orders, eval_config.seed
+    )
+    result["tied_orders"] = len(readings)
+
+    def averaged(score: Any, batch_users: np.ndarray, batch_positions: np.ndarray) -> torch.Tensor:
+        """``score(item_seq, rows)`` of the batch's histories averaged over the readings.
+
+        ``rows`` (None: all) are the batch rows ``item_seq`` holds; a reading is scored only for
+        the rows whose input it changes (a history without ties in its last ``max_seq_len``
+        events is scored once)."""
+        seqs = [input_sequences(r, offsets, batch_users, batch_positions, max_seq_len) for r in readings]
+        base = score(torch.from_numpy(seqs[0]).to(device), None)  # (B, C)
+        if len(seqs) == 1:
+            return base
+        total = base.clone()
+        for seq in seqs[1:]:
+            changed = np.flatnonzero((seq != seqs[0]).any(axis=1))
+            if len(changed):
+                rows = torch.from_numpy(changed).to(device)
+                reading = base.clone()  # no base - base: a scorer's -inf stays -inf
+                reading[rows] = score(torch.from_numpy(seq[changed]).to(device), rows)
+                total += reading
+            else:
+                total += base
+        return total / len(seqs)
+
     with _TrainingModes(scorer), torch.inference_mode():
         for protocol in protocols:
             ranks = np.empty(len(selection), dtype=np.int64)
@@ -574,24 +655,34 @@ def evaluate(
                 slots = visit[start : start + batch_size]
                 rows = selection[slots]
                 batch_users, batch_positions = users[rows], positions[rows]
-                seq = input_sequences(items, offsets, batch_users, batch_positions, max_seq_len)
                 user_ids = torch.from_numpy(batch_users).to(device)  # (B,)
-                item_seq = torch.from_numpy(seq).to(device)  # (B, T)
                 if protocol == "sampled":
                     batch_candidates = torch.from_numpy(candidates[rows].astype(np.int64)).to(device)  # (B, C)
-                    scores = _check_scores(
-                        scorer.predict_candidates(user_ids, item_seq, batch_candidates),
-                        tuple(batch_candidates.shape),
-                        "predict_candidates",
-                        data,
+                    scores = averaged(
+                        lambda item_seq, r: _check_scores(  # item_seq: (B or len(r), T)
+                            scorer.predict_candidates(
+                                user_ids if r is None else user_ids[r],
+                                item_seq,
+                                batch_candidates if r is None else batch_candidates[r],
+                            ),
+                            (len(item_seq), batch_candidates.shape[1]),
+                            "predict_candidates",
+                            data,
+                        ),
+                        batch_users,
+                        batch_positions,
                     )
                     batch_ranks = ranks_from_candidate_scores(scores, batch_candidates > 0)
                 else:
-                    scores = _check_scores(
-                        scorer.full_sort_predict(user_ids, item_seq),
-                        (len(rows), data.num_items + 1),
-                        "full_sort_predict",
-                        data,
+                    scores = averaged(
+                        lambda item_seq, r: _check_scores(
+                            scorer.full_sort_predict(user_ids if r is None else user_ids[r], item_seq),
+                            (len(item_seq), data.num_items + 1),
+                            "full_sort_predict",
+                            data,
+                        ),
+                        batch_users,
+                        batch_positions,
                     )  # (B, I+1)
                     batch_targets = torch.from_numpy(targets[rows]).to(device).view(-1, 1)  # (B, 1)
                     target_scores = scores.gather(1, batch_targets).clone()  # (B, 1)
@@ -793,6 +884,7 @@ def run_evaluation_command(
         "num_negatives": eval_config.num_negatives,
         "negative_sampling": eval_config.negative_sampling,
         "max_seq_len": config.model.max_seq_len,
+        "tied_orders": result["tied_orders"],  # readings averaged: 1 without ties in the histories
         "evaluation": dataclasses.asdict(eval_config),
         "package_version": __version__,
     }

@@ -96,6 +96,8 @@ class Recommender:
         item_ids: list[str] | None = None,
         checkpoint: str | Path | None = None,
         score_budget: int = DEFAULT_SCORE_BUDGET,
+        tied_orders: int = 1,
+        tied_seed: int = 0,
     ) -> None:
         self.model = model.eval()
         self.data = data
@@ -117,6 +119,9 @@ class Recommender:
         self._item_id_array = np.array([""] + self.item_ids, dtype=object)
         self.offsets = np.asarray(data.offsets).astype(np.int64)
         self.items = np.asarray(data.items)
+        self.timestamps = np.asarray(data.timestamps)
+        self.tied_orders = int(tied_orders)
+        self.tied_seed = int(tied_seed)
         weight = model.embeddings.item_embeddings.weight.detach()
         self.device = weight.device
         # What states are scored against: the item rows, plus the item bias as a last column
@@ -169,7 +174,13 @@ class Recommender:
             data_dir = recorded
         data = ProcessedData(data_dir)
         check_data(info, checkpoint_dir, data, allow_new_events=allow_new_events)
-        recommender = cls(model, data, checkpoint=checkpoint_dir)
+        recommender = cls(
+            model,
+            data,
+            checkpoint=checkpoint_dir,
+            tied_orders=config.evaluation.tied_orders,  # score as the model was evaluated
+            tied_seed=config.evaluation.seed,
+        )
         recommender.config = config
         return recommender
 
@@ -227,6 +238,10 @@ class Recommender:
         """A known user's whole sequence of item indices (all splits, time order)."""
         return self.items[self.offsets[user] : self.offsets[user + 1]].astype(np.int64)
 
+    def timestamps_of(self, user: int) -> np.ndarray:
+        """The timestamps of :meth:`history_of`'s events."""
+        return np.asarray(self.timestamps[self.offsets[user] : self.offsets[user + 1]])
+
     # ------------------------------------------------------------------ scoring
 
     def users_per_chunk(self) -> int:
@@ -240,6 +255,7 @@ class Recommender:
         lengths: np.ndarray,
         k: int,
         exclude_seen: bool | np.ndarray = True,
+        stamps: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-K of users given their histories, in one forward pass (the caller chunks).
 
@@ -247,8 +263,11 @@ class Recommender:
             users: (B,) user indices (0: the unknown user of a cold history).
             flat_items: the histories concatenated (item indices, each oldest first).
             lengths: (B,) length of each history in ``flat_items`` (each >= 1).
-            k: results per user (more than the catalogue is clamped).
+            k: results per user.
             exclude_seen: a bool for all rows or a (B,) bool array.
+            stamps: the timestamp of each event of ``flat_items``, if known: with
+                ``evaluation.tied_orders`` > 1 the scores are averaged over random orders of
+                each history's same-timestamp events, as the model was evaluated.
 
         Returns:
             (items (B, k) int64, scores (B, k) float32), best first. A row with fewer than k
@@ -262,13 +281,8 @@ class Recommender:
         exclude = np.broadcast_to(np.asarray(exclude_seen, dtype=bool), (batch,))
         rows = np.repeat(np.arange(batch), lengths)  # (N,) owner row of each history item
         keep = exclude[rows]
-        states = self._states(users, flat_items, lengths)  # (B, d)
         with torch.inference_mode():
-            scores = states @ self.item_table.T  # (B, I+1)
-            knn = getattr(self.model, "item_knn", None)  # (a duck-typed model may have none)
-            if knn is not None and self.model.item_knn_weight:
-                tails = _history_tails(flat_items, lengths, knn.history)  # (B, H)
-                scores += self.model.item_knn_weight * knn.scores_of_tails(torch.from_numpy(tails)).to(self.device)
+            scores = self._averaged_scores(users, flat_items, lengths, stamps)  # (B, I+1)
             scores[:, 0] = float("-inf")
             if keep.any():
                 scores[
@@ -280,6 +294,53 @@ class Recommender:
         top_scores = top_scores.cpu().numpy().astype(np.float32)
         top_items[~np.isfinite(top_scores)] = 0
         return top_items, top_scores
+
+    def _scores(self, users: np.ndarray, flat_items: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
+        """(B, I+1) scores of one reading of the histories: the network's, plus the item
+        neighbours' under ``model.item_knn``."""
+        scores = self._states(users, flat_items, lengths) @ self.item_table.T  # (B, I+1)
+        knn = getattr(self.model, "item_knn", None)  # (a duck-typed model may have none)
+        if knn is not None and self.model.item_knn_weight:
+            tails = _history_tails(flat_items, lengths, knn.history)  # (B, H)
+            scores += self.model.item_knn_weight * knn.scores_of_tails(torch.from_numpy(tails)).to(self.device)
+        return scores
+
+    def _readings(self, flat_items: np.ndarray, lengths: np.ndarray, stamps: np.ndarray | None) -> list[np.ndarray]:
+        """``flat_items`` as given, plus ``tied_orders - 1`` orders of its tied events."""
+        if stamps is None or self.tied_orders <= 1:
+            return [flat_items]
+        from ..evaluation.evaluator import tied_readings
+
+        ends = np.cumsum(lengths)
+        return tied_readings(flat_items, stamps, ends - lengths, ends, self.tied_orders, self.tied_seed)
+
+    def _averaged_scores(
+        self, users: np.ndarray, flat_items: np.ndarray, lengths: np.ndarray, stamps: np.ndarray | None
+    ) -> torch.Tensor:
+        """:meth:`_scores` averaged over the readings of :meth:`_readings`; a reading is scored
+        only for the rows whose model input (the last ``max_seq_len`` items, and the item
+        neighbours' last items) it changes."""
+        readings = self._readings(flat_items, lengths, stamps)
+        base = self._scores(users, flat_items, lengths)
+        if len(readings) == 1:
+            return base
+        knn = getattr(self.model, "item_knn", None)
+        window = max(self.max_seq_len, int(getattr(knn, "history", 0) or 0))
+        base_tails = _history_tails(flat_items, lengths, window)  # (B, W) most recent first
+        total = base.clone()
+        for reading in readings[1:]:
+            tails = _history_tails(reading, lengths, window)
+            changed = np.flatnonzero((tails != base_tails).any(axis=1))
+            scores = base.clone()
+            if len(changed):
+                # The changed rows' last W items, oldest first, are all the model reads.
+                kept = np.minimum(lengths[changed], window)  # (C,)
+                oldest_first = tails[changed, ::-1]  # (C, W), left-padded with 0
+                inside = np.arange(window)[None, :] >= (window - kept)[:, None]
+                rows = torch.from_numpy(changed).to(self.device)
+                scores[rows] = self._scores(users[changed], oldest_first[inside], kept)
+            total += scores
+        return total / len(readings)
 
     def _states(self, users: np.ndarray, flat_items: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
         """``model.user_state`` of each row, in length-sorted groups trimmed to their longest row.
@@ -313,13 +374,14 @@ class Recommender:
                 states[torch.from_numpy(group).to(self.device)] = group_states
         return states
 
-    def _user_histories(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(flat items, lengths) of known users' whole sequences, vectorised."""
+    def _user_histories(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(flat items, lengths, flat timestamps) of known users' whole sequences, vectorised."""
         starts = self.offsets[users]
         lengths = self.offsets[users + 1] - starts
         rows = np.repeat(np.arange(len(users)), lengths)
         within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        return self.items[starts[rows] + within].astype(np.int64), lengths
+        flat = starts[rows] + within
+        return self.items[flat].astype(np.int64), lengths, self.timestamps[flat]
 
     def recommend_users(
         self, user_indices: np.ndarray, k: int, exclude_seen: bool = True
@@ -338,8 +400,8 @@ class Recommender:
         step = self.users_per_chunk()
         for start in range(0, len(user_indices), step):
             chunk = user_indices[start : start + step]
-            flat, lengths = self._user_histories(chunk)
-            items, scores = self.score_histories(chunk, flat, lengths, k, exclude_seen)
+            flat, lengths, stamps = self._user_histories(chunk)
+            items, scores = self.score_histories(chunk, flat, lengths, k, exclude_seen, stamps)
             out_items[start : start + len(chunk)] = items
             out_scores[start : start + len(chunk)] = scores
         return out_items, out_scores
@@ -399,8 +461,11 @@ class Recommender:
         out = [np.zeros((0, self.item_table.shape[1]), np.float32)]
         for start in range(0, len(user_indices), batch_size):
             chunk = user_indices[start : start + batch_size]
-            flat, lengths = self._user_histories(chunk)
-            out.append(self._states(chunk, flat, lengths).cpu().numpy().astype(np.float32))
+            flat, lengths, stamps = self._user_histories(chunk)
+            readings = self._readings(flat, lengths, stamps)
+            with torch.inference_mode():  # states are linear in the scores: their mean scores the mean
+                states = sum(self._states(chunk, reading, lengths) for reading in readings) / len(readings)
+            out.append(states.cpu().numpy().astype(np.float32))
         return np.concatenate(out)
 
     # ------------------------------------------------------------------ all users
@@ -412,8 +477,8 @@ class Recommender:
         step = max(1, min(int(batch_size), self.users_per_chunk()))
         for start in range(1, self.num_users + 1, step):
             users = np.arange(start, min(start + step, self.num_users + 1), dtype=np.int64)
-            flat, lengths = self._user_histories(users)
-            items, scores = self.score_histories(users, flat, lengths, k, exclude_seen)
+            flat, lengths, stamps = self._user_histories(users)
+            items, scores = self.score_histories(users, flat, lengths, k, exclude_seen, stamps)
             yield users, items, scores
 
     def recommend_all(

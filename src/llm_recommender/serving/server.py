@@ -70,6 +70,7 @@ class _Job:
     histories: list[np.ndarray] = field(default_factory=list)  # item indices per query
     exclude_seen: list[bool] = field(default_factory=list)
     k: int = 10
+    stamps: list[Optional[np.ndarray]] = field(default_factory=list)  # a known user's timestamps; None: cold
     future: Optional[asyncio.Future] = None
 
     @property
@@ -152,6 +153,13 @@ class MicroBatcher:
         if recommend:
             users = np.concatenate([jobs[i].users for i in recommend])
             histories = [h for i in recommend for h in jobs[i].histories]
+            # Timestamps let a known user's tied events be read in several orders (the model's
+            # evaluation.tied_orders); a cold history's events are taken as distinct.
+            stamps = [
+                np.arange(len(h)) if t is None else t
+                for i in recommend
+                for h, t in zip(jobs[i].histories, jobs[i].stamps or [None] * len(jobs[i].histories))
+            ]
             exclude = np.array([e for i in recommend for e in jobs[i].exclude_seen], dtype=bool)
             k = max(jobs[i].k for i in recommend)
             items_parts, scores_parts = [], []
@@ -164,6 +172,7 @@ class MicroBatcher:
                     np.array([len(h) for h in part]),
                     k,
                     exclude[start : start + step],
+                    np.concatenate(stamps[start : start + step]),
                 )
                 items_parts.append(items)
                 scores_parts.append(scores)
@@ -378,12 +387,13 @@ def create_app(recommender: Recommender, serving_config) -> "FastAPI":
         logger.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
         return JSONResponse(status_code=500, content={"detail": "internal error (logged by the server)"})
 
-    def _query(request: RecommendRequest, where: str = "") -> tuple[int, np.ndarray, list[str]]:
-        """A request → (user index, history indices, ignored ids); 404/422 on bad ids."""
+    def _query(request: RecommendRequest, where: str = "") -> tuple[int, np.ndarray, list[str], Optional[np.ndarray]]:
+        """A request → (user index, history indices, ignored ids, the history's timestamps or
+        None for a cold history); 404/422 on bad ids."""
         try:
             if request.user_id is not None:
                 user = recommender.user_to_index(request.user_id)
-                return user, recommender.history_of(user), []
+                return user, recommender.history_of(user), [], recommender.timestamps_of(user)
             history, ignored = recommender.history_to_indices(request.history, settings.unknown_items)
         except UnknownIdError as exc:
             raise HTTPException(status_code=404, detail=f"{where}{exc}") from None
@@ -395,7 +405,7 @@ def create_app(recommender: Recommender, serving_config) -> "FastAPI":
                     f"(ignored: {', '.join(ignored[:5])}{', ...' if len(ignored) > 5 else ''})"
                 ),
             )
-        return 0, history, ignored
+        return 0, history, ignored, None
 
     def _json(body: dict[str, Any]) -> Response:
         # Returned as bytes: the response models above document the schema (OpenAPI); the body
@@ -412,8 +422,8 @@ def create_app(recommender: Recommender, serving_config) -> "FastAPI":
     @app.post("/recommend", response_model=RecommendResponse, response_model_exclude_none=True)
     async def recommend(request: RecommendRequest) -> dict[str, Any]:
         """Top-K items for a known user or a cold history."""
-        user, history, ignored = _query(request)
-        job = _Job("recommend", np.array([user]), [history], [request.exclude_seen], request.k)
+        user, history, ignored, stamps = _query(request)
+        job = _Job("recommend", np.array([user]), [history], [request.exclude_seen], request.k, [stamps])
         ((items, scores),) = await batcher.submit(job)
         return _json(_response(items, scores, ignored))
 
@@ -423,17 +433,18 @@ def create_app(recommender: Recommender, serving_config) -> "FastAPI":
         queries = [_query(request, f"requests[{i}]: ") for i, request in enumerate(batch.requests)]
         job = _Job(
             "recommend",
-            np.array([user for user, _, _ in queries], dtype=np.int64),
-            [history for _, history, _ in queries],
+            np.array([user for user, _, _, _ in queries], dtype=np.int64),
+            [history for _, history, _, _ in queries],
             [request.exclude_seen for request in batch.requests],
             max(request.k for request in batch.requests),
+            [stamps for _, _, _, stamps in queries],
         )
         results = await batcher.submit(job)
         return _json(
             {
                 "results": [
                     _response(items[: request.k], scores[: request.k], ignored)
-                    for (items, scores), request, (_, _, ignored) in zip(results, batch.requests, queries)
+                    for (items, scores), request, (_, _, ignored, _) in zip(results, batch.requests, queries)
                 ]
             }
         )
