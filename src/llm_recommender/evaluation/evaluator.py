@@ -129,7 +129,8 @@ def tied_readings(
     A history is ``items[starts[i]:ends[i]]`` (distinct, non-overlapping ranges); a group is a
     run of its consecutive events with one timestamp. Events outside every history never move
     (an evaluated user's target and later events), so no timestamp outside a history is read.
-    Without ties the given reading alone comes back.
+    Without ties the given reading alone comes back. Each further reading is a full copy of
+    ``items`` (Kindle's 8M events: 32 MB of int32 each).
     """
     items = np.asarray(items)
     if num_orders <= 1 or len(starts) == 0:

@@ -263,7 +263,7 @@ class Recommender:
             users: (B,) user indices (0: the unknown user of a cold history).
             flat_items: the histories concatenated (item indices, each oldest first).
             lengths: (B,) length of each history in ``flat_items`` (each >= 1).
-            k: results per user.
+            k: results per user (more than the catalogue is clamped).
             exclude_seen: a bool for all rows or a (B,) bool array.
             stamps: the timestamp of each event of ``flat_items``, if known: with
                 ``evaluation.tied_orders`` > 1 the scores are averaged over random orders of
@@ -502,7 +502,7 @@ class Recommender:
 
         Args:
             output: destination file.
-            k: results per user.
+            k: results per user (more than the catalogue is clamped).
             batch_size: users per pass (capped by ``score_budget``); larger passes group
                 histories of similar length better (Beauty, 1 thread: 13 s at 1024, 8 s at 4096).
             exclude_seen: drop items the user already interacted with.
