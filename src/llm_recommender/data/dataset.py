@@ -329,8 +329,7 @@ class TrainWindows:
             return
         positions, groups = self.tied
         rng = np.random.default_rng([seed, epoch, 0x71E5])
-        order = np.lexsort((rng.random(len(positions)), groups))  # groups stay in place
-        self.items[positions] = self.file_items[positions[order]]
+        self.items[positions] = self.file_items[reorder_within_groups(positions, groups, rng)]
 
     @property
     def lengths(self) -> np.ndarray:
@@ -477,26 +476,42 @@ def _prefix_ends_by_item(starts: np.ndarray, ends: np.ndarray, items: np.ndarray
     return positions.astype(np.int64), users.astype(np.int64), item_offsets.astype(np.int64)
 
 
-def _event_groups(data: ProcessedData) -> np.ndarray:
-    """Each event's run id (0-based, increasing): consecutive events of one user with one
-    timestamp, all training or all not, share an id; every other event has its own."""
-    timestamps = np.asarray(data.timestamps)
-    train = data.train_mask
-    starts = np.asarray(data.offsets)[:-1]
+def timestamp_runs(timestamps: np.ndarray, starts: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """Each event's run id (0-based, increasing): consecutive events with one timestamp, all
+    ``inside`` or all not, and none at one of ``starts`` (a user's or a history's first event)
+    but the first, share an id; every other event has its own."""
+    timestamps = np.asarray(timestamps)
+    starts = np.asarray(starts)
     new_group = np.ones(len(timestamps), dtype=bool)
-    new_group[1:] = (timestamps[1:] != timestamps[:-1]) | (train[1:] != train[:-1])
+    new_group[1:] = (timestamps[1:] != timestamps[:-1]) | (inside[1:] != inside[:-1])
     new_group[starts[starts < len(timestamps)]] = True
     return np.cumsum(new_group) - 1
+
+
+def tied_events(timestamps: np.ndarray, starts: np.ndarray, inside: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flat positions of the ``inside`` events that share their run (:func:`timestamp_runs`)
+    with another event, and the id of each one's run (runs are contiguous)."""
+    groups = timestamp_runs(timestamps, starts, inside)
+    positions = np.flatnonzero(inside & (np.bincount(groups)[groups] > 1))
+    return positions, groups[positions]
+
+
+def reorder_within_groups(positions: np.ndarray, groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``positions`` (grouped by ``groups``, contiguous runs) with each group's order drawn
+    from ``rng``: ``items[positions] = items[result]`` gives every run a random order."""
+    return positions[np.lexsort((rng.random(len(positions)), groups))]  # groups stay in place
+
+
+def _event_groups(data: ProcessedData) -> np.ndarray:
+    """Each event's run id: consecutive events of one user with one timestamp, all training
+    or all not, share an id; every other event has its own."""
+    return timestamp_runs(data.timestamps, np.asarray(data.offsets)[:-1], data.train_mask)
 
 
 def _tied_training_events(data: ProcessedData) -> tuple[np.ndarray, np.ndarray]:
     """Flat positions of the training events that share their user and timestamp with another
     training event, and the id of each one's group (groups are contiguous runs)."""
-    train = data.train_mask
-    groups = _event_groups(data)
-    sizes = np.bincount(groups)
-    positions = np.flatnonzero(train & (sizes[groups] > 1))
-    return positions, groups[positions]
+    return tied_events(data.timestamps, np.asarray(data.offsets)[:-1], data.train_mask)
 
 
 def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from ..config import EvaluationConfig
-from ..data.dataset import ProcessedData
+from ..data.dataset import ProcessedData, reorder_within_groups, tied_events
 from ..errors import CheckpointError, ConfigError, DataError, LLMRecError, one_line
 from ..io_utils import atomic_write_bytes, atomic_write_json
 from .metrics import NEG_INF, metrics_from_ranks, ranks_from_candidate_scores, ranks_from_full_scores
@@ -135,27 +135,47 @@ def tied_readings(
     items = np.asarray(items)
     if num_orders <= 1 or len(starts) == 0:
         return [items]
-    timestamps = np.asarray(timestamps)
     starts = np.asarray(starts, dtype=np.int64)
     marks = np.zeros(len(items) + 1, dtype=np.int64)  # +1 where a history starts, -1 where it ends
     np.add.at(marks, starts, 1)
     np.add.at(marks, np.asarray(ends, dtype=np.int64), -1)
     in_history = np.cumsum(marks[:-1]) > 0
-    new_group = np.ones(len(items), dtype=bool)
-    new_group[1:] = (timestamps[1:] != timestamps[:-1]) | (in_history[1:] != in_history[:-1])
-    new_group[starts[starts < len(items)]] = True
-    groups = np.cumsum(new_group) - 1
-    tied = np.flatnonzero(in_history & (np.bincount(groups)[groups] > 1))
-    if len(tied) == 0:
+    positions, groups = tied_events(timestamps, starts, in_history)
+    if len(positions) == 0:
         return [items]
     readings = [items]
     for draw in range(1, num_orders):
-        rng = np.random.default_rng([seed, draw, 0x71E5])
-        order = np.lexsort((rng.random(len(tied)), groups[tied]))  # groups stay in place
         reading = items.copy()
-        reading[tied] = items[tied[order]]
+        rng = np.random.default_rng([seed, draw, 0x71E5])
+        reading[positions] = items[reorder_within_groups(positions, groups, rng)]
         readings.append(reading)
     return readings
+
+
+def mean_over_readings(inputs: list[np.ndarray], score: Any) -> torch.Tensor:
+    """The mean of ``score`` over readings of one batch of histories.
+
+    Args:
+        inputs: per reading, the ``(B, W)`` model input of each row (the first reading's rows
+            are scored whole; a later reading only for the rows whose input it changes).
+        score: ``score(rows_input (C, W), rows)`` -> ``(C, N)`` scores, ``rows`` the int64 row
+            indices of ``rows_input`` (None: all rows).
+
+    Returns:
+        ``(B, N)``, a new tensor.
+    """
+    base = score(inputs[0], None)
+    if len(inputs) == 1:
+        return base
+    total = base.clone()
+    for reading in inputs[1:]:
+        changed = np.flatnonzero((reading != inputs[0]).any(axis=1))
+        scores = base
+        if len(changed):
+            scores = base.clone()  # rows replaced, never base - base: a scorer's -inf stays -inf
+            scores[torch.from_numpy(changed).to(base.device)] = score(reading[changed], changed)
+        total += scores
+    return total / len(inputs)
 
 
 def tied_history_orders(
@@ -622,26 +642,14 @@ def evaluate(
     result["tied_orders"] = len(readings)
 
     def averaged(score: Any, batch_users: np.ndarray, batch_positions: np.ndarray) -> torch.Tensor:
-        """``score(item_seq, rows)`` of the batch's histories averaged over the readings.
-
-        ``rows`` (None: all) are the batch rows ``item_seq`` holds; a reading is scored only for
-        the rows whose input it changes (a history without ties in its last ``max_seq_len``
-        events is scored once)."""
+        """``score(item_seq, rows)`` of the batch's histories averaged over the readings."""
         seqs = [input_sequences(r, offsets, batch_users, batch_positions, max_seq_len) for r in readings]
-        base = score(torch.from_numpy(seqs[0]).to(device), None)  # (B, C)
-        if len(seqs) == 1:
-            return base
-        total = base.clone()
-        for seq in seqs[1:]:
-            changed = np.flatnonzero((seq != seqs[0]).any(axis=1))
-            if len(changed):
-                rows = torch.from_numpy(changed).to(device)
-                reading = base.clone()  # no base - base: a scorer's -inf stays -inf
-                reading[rows] = score(torch.from_numpy(seq[changed]).to(device), rows)
-                total += reading
-            else:
-                total += base
-        return total / len(seqs)
+        return mean_over_readings(
+            seqs,
+            lambda seq, rows: score(
+                torch.from_numpy(seq).to(device), None if rows is None else torch.from_numpy(rows).to(device)
+            ),
+        )
 
     with _TrainingModes(scorer), torch.inference_mode():
         for protocol in protocols:

@@ -321,26 +321,21 @@ class Recommender:
         only for the rows whose model input (the last ``max_seq_len`` items, and the item
         neighbours' last items) it changes."""
         readings = self._readings(flat_items, lengths, stamps)
-        base = self._scores(users, flat_items, lengths)
         if len(readings) == 1:
-            return base
+            return self._scores(users, flat_items, lengths)
+        from ..evaluation.evaluator import mean_over_readings
+
         knn = getattr(self.model, "item_knn", None)
         window = max(self.max_seq_len, int(getattr(knn, "history", 0) or 0))
-        base_tails = _history_tails(flat_items, lengths, window)  # (B, W) most recent first
-        total = base.clone()
-        for reading in readings[1:]:
-            tails = _history_tails(reading, lengths, window)
-            changed = np.flatnonzero((tails != base_tails).any(axis=1))
-            scores = base.clone()
-            if len(changed):
-                # The changed rows' last W items, oldest first, are all the model reads.
-                kept = np.minimum(lengths[changed], window)  # (C,)
-                oldest_first = tails[changed, ::-1]  # (C, W), left-padded with 0
-                inside = np.arange(window)[None, :] >= (window - kept)[:, None]
-                rows = torch.from_numpy(changed).to(self.device)
-                scores[rows] = self._scores(users[changed], oldest_first[inside], kept)
-            total += scores
-        return total / len(readings)
+        kept = np.minimum(lengths, window)  # (B,) history items the model and neighbours read
+
+        def score(tails: np.ndarray, rows: np.ndarray | None) -> torch.Tensor:
+            # The rows' last W items (most recent first, 0-padded), oldest first, flat.
+            row_kept = kept if rows is None else kept[rows]
+            inside = np.arange(window)[None, :] >= (window - row_kept)[:, None]
+            return self._scores(users if rows is None else users[rows], tails[:, ::-1][inside], row_kept)
+
+        return mean_over_readings([_history_tails(r, lengths, window) for r in readings], score)
 
     def _states(self, users: np.ndarray, flat_items: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
         """``model.user_state`` of each row, in length-sorted groups trimmed to their longest row.
