@@ -15,6 +15,7 @@ from llm_recommender.config import Config, EvaluationConfig
 from llm_recommender.data.dataset import ProcessedData
 from llm_recommender.errors import ConfigError, DataError
 from llm_recommender.evaluation.evaluator import (
+    deleted_histories,
     candidates_path,
     evaluate,
     input_sequences,
@@ -354,9 +355,54 @@ def test_evaluation_without_ties_ignores_tied_orders(tmp_path):
     assert one == many
 
 
+def test_deleted_histories_depend_on_the_history_alone():
+    items = np.arange(1, 41)
+    # One history of 12 events at two places of a flat array, beside others.
+    first = deleted_histories(items, [0, 20], [12, 32], 0.3, seed=7, draw=3)
+    second = deleted_histories(items, [5, 28], [9, 40], 0.3, seed=7, draw=3)
+    kept_a = first[0][first[1][0] : first[2][0]]
+    kept_b = second[0][second[1][1] : second[2][1]]
+    assert kept_b.tolist() == (kept_a + 28).tolist()  # the same distances from the end kept
+    assert np.all(np.diff(kept_a) > 0) and set(kept_a) <= set(range(1, 13))  # in order, a subset
+    lengths = []
+    for draw in range(200):
+        flat, starts, ends = deleted_histories(items, [0, 39], [12, 40], 0.3, seed=7, draw=draw)
+        lengths.append(ends[0] - starts[0])
+        assert ends[1] - starts[1] == 1 and flat[starts[1]] == 40  # a history never empties
+    assert 0.6 < np.mean(lengths) / 12 < 0.8  # about 1 - 0.3 of the events kept
+
+
+def test_evaluation_averages_scores_over_deletion_readings(tmp_path):
+    # User 2's tested history [6, 2, 8]: a reading ends in 8, in 2 (8 deleted) or in 6 (both).
+    sequences = [[1, 2, 3, 4, 9], [6, 2, 8, 7]]
+    data = write_processed(tmp_path / "d", sequences, num_items=9)
+    scorer = LastItemScorer(data.num_items)
+    config = EvaluationConfig(num_negatives=3, deletion_readings=64, deletion_prob=0.4)
+    one = evaluate(scorer, data, "test", EvaluationConfig(num_negatives=3), 3, return_ranks=True)
+    many = evaluate(scorer, data, "test", config, 3, return_ranks=True)
+    assert one["ranks"]["full"].tolist() == [4, 1]
+    users, positions = data.eval_examples("test")
+    starts = np.asarray(data.offsets)[users]
+    for row, user_items in enumerate([[1, 2, 3, 4], [6, 2, 8]]):
+        lasts = [user_items[-1]]  # the reading as given, then the 64 with deletions
+        for draw in range(64):
+            flat, s, e = deleted_histories(data.items, starts, positions, 0.4, config.seed, draw)
+            lasts.append(int(flat[e[row] - 1]))
+        assert len(set(lasts)) > 1
+        items = np.arange(data.num_items + 1)
+        expected = -np.mean([np.abs(items - last) for last in lasts], axis=0)
+        expected[[0] + user_items] = -np.inf
+        target = sequences[row][len(user_items)]
+        assert many["ranks"]["full"][row] == int((expected >= expected[target]).sum()) - 1
+
+
 def test_tied_orders_must_be_positive():
     with pytest.raises(ConfigError, match="evaluation.tied_orders"):
         EvaluationConfig(tied_orders=0)
+    with pytest.raises(ConfigError, match="evaluation.deletion_readings"):
+        EvaluationConfig(deletion_readings=-1)
+    with pytest.raises(ConfigError, match="evaluation.deletion_prob"):
+        EvaluationConfig(deletion_prob=1.0)
 
 
 # ------------------------------------------------------------------------------ the command

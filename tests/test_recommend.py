@@ -144,6 +144,33 @@ def test_known_user_scores_are_averaged_over_orders_of_tied_events(tmp_path):
     assert cold.tolist() == plain.recommend_history(np.array([1, 2, 3, 4, 5, 6]), k=3)[0].tolist()
 
 
+def test_known_and_cold_scores_are_averaged_over_deletion_readings(tmp_path):
+    from llm_recommender.evaluation.evaluator import deleted_histories
+
+    sequences = [[1, 2, 3, 4, 5, 6], [3, 1], [7, 8, 9, 10, 1, 2, 3]]
+    data = write_indexed(tmp_path / "d", sequences, 10)
+    model = FakeModel(data.num_users, data.num_items)
+    rec = Recommender(model, data, tied_seed=5, deletion_readings=16, deletion_prob=0.3)
+    table = model.embeddings.item_embeddings.weight.detach().numpy()
+    user_rows = model.embeddings.user_embeddings.weight.detach().numpy()
+    history = np.arange(1, 7)
+    lasts = [6] + [int(deleted_histories(history, [0], [6], 0.3, 5, d)[0][-1]) for d in range(16)]
+    assert len(set(lasts)) > 1
+    state = user_rows[1] + table[lasts].mean(axis=0)
+    expected = table @ state
+    expected[[0, 1, 2, 3, 4, 5, 6]] = -np.inf
+    items, scores = rec.recommend_users(np.array([1, 2, 3]), k=3)
+    assert items[0].tolist() == [int(i) for i in np.argsort(-expected, kind="stable")[:3]]
+    np.testing.assert_allclose(scores[0], np.sort(expected)[::-1][:3], rtol=1e-5)
+    np.testing.assert_allclose(rec.user_states(np.array([1]))[0], state, rtol=1e-5, atol=1e-6)
+    # A cold history is read with the same deletions (they need no timestamps).
+    cold_state = user_rows[0] + table[lasts].mean(axis=0)
+    cold_expected = table @ cold_state
+    cold_expected[[0, 1, 2, 3, 4, 5, 6]] = -np.inf
+    cold, _ = rec.recommend_history(history, k=3)
+    assert cold.tolist() == [int(i) for i in np.argsort(-cold_expected, kind="stable")[:3]]
+
+
 def test_keep_seen_includes_history_items(tmp_path):
     rec, sequences = fake_recommender(tmp_path)
     carol = rec.user_to_index("carol")

@@ -788,6 +788,17 @@ class EvaluationConfig:
     read in ``n - 1`` random orders of its tied groups (seeded by ``seed``; only the history's
     own timestamps are used, never the target's) and the scores are averaged. 1: the file's
     order only. No effect on data without ties."""
+    deletion_readings: int = 0
+    """Further readings of every history the scores are averaged over, each with every event
+    deleted with probability ``deletion_prob`` (the rest closing up, the most recent kept when
+    all would go): the inference side of ``stage_a.item_deletion_prob``, whose network learned
+    from such histories. Reading ``k`` takes the ``k``-th tied order (cyclically) and deletes
+    by a seeded draw of ``(seed, k, distance from the end of the history)``, so a history gets
+    the same readings in evaluation, ``recommend``, ``serve`` and ``export-embeddings``. Each
+    reading costs one more forward pass (and passes through the item neighbours as well).
+    0: off."""
+    deletion_prob: float = 0.2
+    """Deletion probability of ``deletion_readings`` (the recipes: their item_deletion_prob)."""
 
     def __post_init__(self) -> None:
         _check(
@@ -801,6 +812,10 @@ class EvaluationConfig:
         )
         _check(self.batch_size >= 1, "evaluation.batch_size", self.batch_size, "must be >= 1")
         _check(self.tied_orders >= 1, "evaluation.tied_orders", self.tied_orders, "must be >= 1")
+        _check(
+            self.deletion_readings >= 0, "evaluation.deletion_readings", self.deletion_readings, "must be >= 0"
+        )
+        _check(0 < self.deletion_prob < 1, "evaluation.deletion_prob", self.deletion_prob, "must be in (0, 1)")
 
 
 @dataclass

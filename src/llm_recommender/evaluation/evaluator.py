@@ -178,6 +178,72 @@ def mean_over_readings(inputs: list[np.ndarray], score: Any) -> torch.Tensor:
     return total / len(inputs)
 
 
+def _uniform(seed: int, draw: int, keys: np.ndarray) -> np.ndarray:
+    """Uniform [0, 1) floats, a function of (seed, draw, key) only (splitmix64's finaliser)."""
+    with np.errstate(over="ignore"):
+        x = np.asarray(keys, dtype=np.int64).astype(np.uint64)
+        x = x + np.uint64(0x9E3779B97F4A7C15) * np.uint64((int(draw) + 1) & 0xFFFFFFFF)
+        x = x ^ (np.uint64(int(seed) & 0xFFFFFFFF) << np.uint64(32))
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def deleted_histories(
+    items: np.ndarray, starts: np.ndarray, ends: np.ndarray, prob: float, seed: int, draw: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One reading of ``items[starts[i]:ends[i]]`` with each event deleted with ``prob``.
+
+    Whether an event goes is a function of ``(seed, draw, its distance from the history's
+    end)`` alone, so a history gets the same reading wherever it sits in a flat array (the
+    evaluator's data, a served batch). A non-empty history that would lose every event keeps
+    its most recent one.
+
+    Returns:
+        ``(flat, new_starts, new_ends)``: the kept events, oldest first, history after history.
+    """
+    starts = np.asarray(starts, dtype=np.int64)
+    ends = np.asarray(ends, dtype=np.int64)
+    lengths = ends - starts
+    positions = _concat_ranges(starts, lengths)
+    rows = np.repeat(np.arange(len(starts), dtype=np.int64), lengths)
+    distance = np.repeat(ends, lengths) - 1 - positions  # 0: the most recent event
+    keep = _uniform(seed, draw, distance) >= prob
+    emptied = (np.bincount(rows[keep], minlength=len(starts)) == 0) & (lengths > 0)
+    keep |= emptied[rows] & (distance == 0)
+    new_ends = np.cumsum(np.bincount(rows[keep], minlength=len(starts))).astype(np.int64)
+    new_starts = np.concatenate([[0], new_ends[:-1]]).astype(np.int64)
+    return np.asarray(items)[positions[keep]], new_starts, new_ends
+
+
+def deletion_inputs(
+    readings: list[np.ndarray],
+    starts: np.ndarray,
+    ends: np.ndarray,
+    num_readings: int,
+    prob: float,
+    seed: int,
+    tails: Any,
+) -> list[np.ndarray]:
+    """``num_readings`` further model inputs of the histories ``[starts, ends)``: reading ``k``
+    is ``readings[k % len(readings)]`` (a tied order) with deletions drawn by ``(seed, k)``
+    (:func:`deleted_histories`); ``tails(flat, lengths)`` makes a model input of histories
+    given flat."""
+    out = []
+    for draw in range(num_readings):
+        flat, new_starts, new_ends = deleted_histories(
+            readings[draw % len(readings)], starts, ends, prob, seed, draw
+        )
+        out.append(tails(flat, new_ends - new_starts))
+    return out
+
+
+def pad_columns(inputs: np.ndarray, width: int) -> np.ndarray:
+    """``inputs`` right-padded with 0 to ``width`` columns (never cut)."""
+    return np.pad(inputs, ((0, 0), (0, max(0, width - inputs.shape[1]))))
+
+
 def tied_history_orders(
     data: ProcessedData, users: np.ndarray, positions: np.ndarray, num_orders: int, seed: int
 ) -> list[np.ndarray]:
@@ -644,6 +710,21 @@ def evaluate(
     def averaged(score: Any, batch_users: np.ndarray, batch_positions: np.ndarray) -> torch.Tensor:
         """``score(item_seq, rows)`` of the batch's histories averaged over the readings."""
         seqs = [input_sequences(r, offsets, batch_users, batch_positions, max_seq_len) for r in readings]
+        if eval_config.deletion_readings:
+            width = seqs[0].shape[1]
+            seqs += deletion_inputs(
+                readings,
+                offsets[batch_users],
+                batch_positions,
+                eval_config.deletion_readings,
+                eval_config.deletion_prob,
+                eval_config.seed,
+                lambda flat, lengths: pad_columns(
+                    input_sequences(flat, np.cumsum(lengths) - lengths, np.arange(len(lengths)),
+                                    np.cumsum(lengths), max_seq_len),
+                    width,
+                ),
+            )
         return mean_over_readings(
             seqs,
             lambda seq, rows: score(
@@ -894,6 +975,7 @@ def run_evaluation_command(
         "negative_sampling": eval_config.negative_sampling,
         "max_seq_len": config.model.max_seq_len,
         "tied_orders": result["tied_orders"],  # readings averaged: 1 without ties in the histories
+        "deletion_readings": eval_config.deletion_readings,  # ... plus these, with deletions
         "evaluation": dataclasses.asdict(eval_config),
         "package_version": __version__,
     }

@@ -98,6 +98,8 @@ class Recommender:
         score_budget: int = DEFAULT_SCORE_BUDGET,
         tied_orders: int = 1,
         tied_seed: int = 0,
+        deletion_readings: int = 0,
+        deletion_prob: float = 0.2,
     ) -> None:
         self.model = model.eval()
         self.data = data
@@ -122,6 +124,8 @@ class Recommender:
         self.timestamps = np.asarray(data.timestamps)
         self.tied_orders = int(tied_orders)
         self.tied_seed = int(tied_seed)
+        self.deletion_readings = int(deletion_readings)  # evaluation.deletion_readings
+        self.deletion_prob = float(deletion_prob)
         weight = model.embeddings.item_embeddings.weight.detach()
         self.device = weight.device
         # What states are scored against: the item rows, plus the item bias as a last column
@@ -180,6 +184,8 @@ class Recommender:
             checkpoint=checkpoint_dir,
             tied_orders=config.evaluation.tied_orders,  # score as the model was evaluated
             tied_seed=config.evaluation.seed,
+            deletion_readings=config.evaluation.deletion_readings,
+            deletion_prob=config.evaluation.deletion_prob,
         )
         recommender.config = config
         return recommender
@@ -267,7 +273,9 @@ class Recommender:
             exclude_seen: a bool for all rows or a (B,) bool array.
             stamps: the timestamp of each event of ``flat_items``, if known: with
                 ``evaluation.tied_orders`` > 1 the scores are averaged over random orders of
-                each history's same-timestamp events, as the model was evaluated.
+                each history's same-timestamp events, as the model was evaluated. With
+                ``evaluation.deletion_readings`` they are also averaged over readings with
+                deleted events (timestamps or not), as the evaluator draws them.
 
         Returns:
             (items (B, k) int64, scores (B, k) float32), best first. A row with fewer than k
@@ -314,6 +322,19 @@ class Recommender:
         ends = np.cumsum(lengths)
         return tied_readings(flat_items, stamps, ends - lengths, ends, self.tied_orders, self.tied_seed)
 
+    def _deletion_readings(self, readings: list[np.ndarray], lengths: np.ndarray, tails) -> list:
+        """``evaluation.deletion_readings`` further readings of the histories (each a tied order
+        with seeded deletions, as the evaluator draws them), each made a model input by
+        ``tails(flat, lengths)``."""
+        if self.deletion_readings <= 0:
+            return []
+        from ..evaluation.evaluator import deletion_inputs
+
+        ends = np.cumsum(lengths)
+        return deletion_inputs(
+            readings, ends - lengths, ends, self.deletion_readings, self.deletion_prob, self.tied_seed, tails
+        )
+
     def _averaged_scores(
         self, users: np.ndarray, flat_items: np.ndarray, lengths: np.ndarray, stamps: np.ndarray | None
     ) -> torch.Tensor:
@@ -321,21 +342,22 @@ class Recommender:
         only for the rows whose model input (the last ``max_seq_len`` items, and the item
         neighbours' last items) it changes."""
         readings = self._readings(flat_items, lengths, stamps)
-        if len(readings) == 1:
+        if len(readings) == 1 and self.deletion_readings <= 0:
             return self._scores(users, flat_items, lengths)
         from ..evaluation.evaluator import mean_over_readings
 
         knn = getattr(self.model, "item_knn", None)
         window = max(self.max_seq_len, int(getattr(knn, "history", 0) or 0))
-        kept = np.minimum(lengths, window)  # (B,) history items the model and neighbours read
 
         def score(tails: np.ndarray, rows: np.ndarray | None) -> torch.Tensor:
             # The rows' last W items (most recent first, 0-padded), oldest first, flat.
-            row_kept = kept if rows is None else kept[rows]
+            row_kept = (tails > 0).sum(axis=1)  # item 0 is padding only
             inside = np.arange(window)[None, :] >= (window - row_kept)[:, None]
             return self._scores(users if rows is None else users[rows], tails[:, ::-1][inside], row_kept)
 
-        return mean_over_readings([_history_tails(r, lengths, window) for r in readings], score)
+        inputs = [_history_tails(r, lengths, window) for r in readings]
+        inputs += self._deletion_readings(readings, lengths, lambda flat, kept: _history_tails(flat, kept, window))
+        return mean_over_readings(inputs, score)
 
     def _states(self, users: np.ndarray, flat_items: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
         """``model.user_state`` of each row, in length-sorted groups trimmed to their longest row.
@@ -458,8 +480,11 @@ class Recommender:
             chunk = user_indices[start : start + batch_size]
             flat, lengths, stamps = self._user_histories(chunk)
             readings = self._readings(flat, lengths, stamps)
+            deleted = self._deletion_readings(readings, lengths, lambda kept_flat, kept: (kept_flat, kept))
             with torch.inference_mode():  # states are linear in the scores: their mean scores the mean
-                states = sum(self._states(chunk, reading, lengths) for reading in readings) / len(readings)
+                states = sum(self._states(chunk, reading, lengths) for reading in readings)
+                states = states + sum(self._states(chunk, f, n) for f, n in deleted)
+                states = states / (len(readings) + len(deleted))
             out.append(states.cpu().numpy().astype(np.float32))
         return np.concatenate(out)
 
