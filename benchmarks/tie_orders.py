@@ -159,7 +159,8 @@ def main() -> None:
             value = averaged["full"]["NDCG@10"]
             rows[name] = {"file_order": round(plain, 4), f"mean_of_{args.orders}_orders": round(value, 4),
                           "ratio": round(value / plain, 3) if plain > 0 else None}
-            print(f"{name:<12} {args.split} full NDCG@10: file order {plain:.4f}, mean of {args.orders} orders "
+            what = "orders" if deletion is None else "readings with deletions"
+            print(f"{name:<12} {args.split} full NDCG@10: file order {plain:.4f}, mean of {args.orders} {what} "
                   f"{value:.4f} ({rows[name]['ratio']}x)")
     except LLMRecError as exc:
         sys.exit(f"error: {exc}")
