@@ -114,6 +114,16 @@ def test_known_user_top_k_matches_hand_computation_and_excludes_history(tmp_path
     assert item_seq[0].tolist() == history[-4:]
 
 
+def mean_state_scores(model, user: int, lasts: list[int], seen: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """FakeModel's query vector averaged over readings that end in ``lasts``, and its scores
+    of every item with padding and ``seen`` at -inf: (state (d,), scores (I+1,))."""
+    table = model.embeddings.item_embeddings.weight.detach().numpy()
+    state = model.embeddings.user_embeddings.weight.detach().numpy()[user] + table[lasts].mean(axis=0)
+    expected = table @ state
+    expected[[0] + list(seen)] = -np.inf
+    return state, expected
+
+
 def test_known_user_scores_are_averaged_over_orders_of_tied_events(tmp_path):
     # Alice's last two events share a second: the model's last item is 5 or 6 by the order.
     from llm_recommender.evaluation.evaluator import tied_readings
@@ -124,13 +134,9 @@ def test_known_user_scores_are_averaged_over_orders_of_tied_events(tmp_path):
     model = FakeModel(data.num_users, data.num_items)
     plain = Recommender(model, data)
     rec = Recommender(model, data, tied_orders=16, tied_seed=5)
-    table = model.embeddings.item_embeddings.weight.detach().numpy()
-    user_rows = model.embeddings.user_embeddings.weight.detach().numpy()
     lasts = [int(r[5]) for r in tied_readings(np.arange(1, 7), np.array(stamps[0]), [0], [6], 16, 5)]
     assert set(lasts) == {5, 6}  # both orders drawn; the file's first
-    state = user_rows[1] + table[lasts].mean(axis=0)
-    expected = table @ state
-    expected[[0, 1, 2, 3, 4, 5, 6]] = -np.inf
+    state, expected = mean_state_scores(model, 1, lasts, range(1, 7))
     items, scores = rec.recommend_users(np.array([1, 2, 3]), k=3)
     assert items[0].tolist() == [int(i) for i in np.argsort(-expected, kind="stable")[:3]]
     np.testing.assert_allclose(scores[0], np.sort(expected)[::-1][:3], rtol=1e-5)
@@ -151,22 +157,16 @@ def test_known_and_cold_scores_are_averaged_over_deletion_readings(tmp_path):
     data = write_indexed(tmp_path / "d", sequences, 10)
     model = FakeModel(data.num_users, data.num_items)
     rec = Recommender(model, data, tied_seed=5, deletion_readings=16, deletion_prob=0.3)
-    table = model.embeddings.item_embeddings.weight.detach().numpy()
-    user_rows = model.embeddings.user_embeddings.weight.detach().numpy()
     history = np.arange(1, 7)
     lasts = [6] + [int(deleted_histories(history, [0], [6], 0.3, 5, d)[0][-1]) for d in range(16)]
     assert len(set(lasts)) > 1
-    state = user_rows[1] + table[lasts].mean(axis=0)
-    expected = table @ state
-    expected[[0, 1, 2, 3, 4, 5, 6]] = -np.inf
+    state, expected = mean_state_scores(model, 1, lasts, history)
     items, scores = rec.recommend_users(np.array([1, 2, 3]), k=3)
     assert items[0].tolist() == [int(i) for i in np.argsort(-expected, kind="stable")[:3]]
     np.testing.assert_allclose(scores[0], np.sort(expected)[::-1][:3], rtol=1e-5)
     np.testing.assert_allclose(rec.user_states(np.array([1]))[0], state, rtol=1e-5, atol=1e-6)
     # A cold history is read with the same deletions (they need no timestamps).
-    cold_state = user_rows[0] + table[lasts].mean(axis=0)
-    cold_expected = table @ cold_state
-    cold_expected[[0, 1, 2, 3, 4, 5, 6]] = -np.inf
+    _, cold_expected = mean_state_scores(model, 0, lasts, history)  # row 0: the unknown user
     cold, _ = rec.recommend_history(history, k=3)
     assert cold.tolist() == [int(i) for i in np.argsort(-cold_expected, kind="stable")[:3]]
 
