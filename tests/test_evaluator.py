@@ -16,6 +16,7 @@ from llm_recommender.data.dataset import ProcessedData
 from llm_recommender.errors import ConfigError, DataError
 from llm_recommender.evaluation.evaluator import (
     deleted_histories,
+    get_candidates,
     candidates_path,
     evaluate,
     input_sequences,
@@ -396,6 +397,31 @@ def test_evaluation_averages_scores_over_deletion_readings(tmp_path):
         assert many["ranks"]["full"][row] == int((expected >= expected[target]).sum()) - 1
 
 
+def test_evaluation_can_average_the_readings_probabilities(tmp_path):
+    sequences = [[1, 2, 3, 4, 9], [6, 2, 8, 7]]
+    data = write_processed(tmp_path / "d", sequences, num_items=9)
+    scorer = LastItemScorer(data.num_items)
+    config = EvaluationConfig(num_negatives=3, deletion_readings=64, deletion_prob=0.4, reading_average="probabilities")
+    many = evaluate(scorer, data, "test", config, 3, return_ranks=True)
+    users, positions = data.eval_examples("test")
+    starts = np.asarray(data.offsets)[users]
+    candidates, _ = get_candidates(data, "test", 3, "uniform", config.seed)
+    items = np.arange(1, data.num_items + 1)
+    for row, user_items in enumerate([[1, 2, 3, 4], [6, 2, 8]]):
+        lasts = [user_items[-1]]
+        for draw in range(64):
+            flat, s, e = deleted_histories(data.items, starts, positions, 0.4, config.seed, draw)
+            lasts.append(int(flat[e[row] - 1]))
+        odds = [np.exp(-np.abs(items - last)) for last in lasts]
+        expected = np.concatenate([[-np.inf], np.log(np.mean([o / o.sum() for o in odds], axis=0))])
+        target = sequences[row][len(user_items)]
+        # The sampled protocol ranks its candidates by the same mixture of all items' probabilities.
+        drawn = candidates[row][candidates[row] > 0]
+        assert many["ranks"]["sampled"][row] == int((expected[drawn] >= expected[target]).sum()) - 1
+        expected[user_items] = -np.inf
+        assert many["ranks"]["full"][row] == int((expected >= expected[target]).sum()) - 1
+
+
 def test_tied_orders_must_be_positive():
     with pytest.raises(ConfigError, match="evaluation.tied_orders"):
         EvaluationConfig(tied_orders=0)
@@ -403,6 +429,8 @@ def test_tied_orders_must_be_positive():
         EvaluationConfig(deletion_readings=-1)
     with pytest.raises(ConfigError, match="evaluation.deletion_prob"):
         EvaluationConfig(deletion_prob=1.0)
+    with pytest.raises(ConfigError, match="evaluation.reading_average"):
+        EvaluationConfig(reading_average="logits")
 
 
 # ------------------------------------------------------------------------------ the command

@@ -171,6 +171,27 @@ def test_known_and_cold_scores_are_averaged_over_deletion_readings(tmp_path):
     assert cold.tolist() == [int(i) for i in np.argsort(-cold_expected, kind="stable")[:3]]
 
 
+def test_served_scores_can_average_the_readings_probabilities(tmp_path):
+    from llm_recommender.errors import ConfigError
+    from llm_recommender.evaluation.evaluator import deleted_histories
+
+    data = write_indexed(tmp_path / "d", [[1, 2, 3, 4, 5, 6], [3, 1]], 10)
+    model = FakeModel(data.num_users, data.num_items)
+    rec = Recommender(model, data, tied_seed=5, deletion_readings=16, deletion_prob=0.3,
+                      reading_average="probabilities")
+    history = np.arange(1, 7)
+    lasts = [6] + [int(deleted_histories(history, [0], [6], 0.3, 5, d)[0][-1]) for d in range(16)]
+    rows = [mean_state_scores(model, 1, [last], [])[1][1:] for last in lasts]  # each reading's item scores
+    probabilities = np.mean([np.exp(r - r.max()) / np.exp(r - r.max()).sum() for r in rows], axis=0)
+    expected = np.concatenate([[-np.inf], np.log(probabilities)])
+    expected[[1, 2, 3, 4, 5, 6]] = -np.inf
+    items, scores = rec.recommend_users(np.array([1]), k=3)
+    assert items[0].tolist() == [int(i) for i in np.argsort(-expected, kind="stable")[:3]]
+    np.testing.assert_allclose(scores[0], np.sort(expected)[::-1][:3], rtol=1e-4)
+    with pytest.raises(ConfigError, match="evaluation.reading_average"):
+        rec.user_states(np.array([1]))  # no query vector gives a mixture's scores
+
+
 def test_keep_seen_includes_history_items(tmp_path):
     rec, sequences = fake_recommender(tmp_path)
     carol = rec.user_to_index("carol")

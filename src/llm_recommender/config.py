@@ -799,6 +799,12 @@ class EvaluationConfig:
     0: off."""
     deletion_prob: float = 0.2
     """Deletion probability of ``deletion_readings`` (the recipes: their item_deletion_prob)."""
+    reading_average: Literal["scores", "probabilities"] = "scores"
+    """How the readings (``tied_orders``, ``deletion_readings``) are averaged: their scores, or
+    their predicted distributions over the items (each reading's softmax; the log of the mean
+    is the score): the mixture of the readings' predictions. ``probabilities`` scores the
+    sampled protocol from every item's score, and has no single query vector per user, so
+    ``export-embeddings`` refuses it when there is more than one reading."""
 
     def __post_init__(self) -> None:
         _check(
@@ -816,6 +822,12 @@ class EvaluationConfig:
             self.deletion_readings >= 0, "evaluation.deletion_readings", self.deletion_readings, "must be >= 0"
         )
         _check(0 < self.deletion_prob < 1, "evaluation.deletion_prob", self.deletion_prob, "must be in (0, 1)")
+        _check(
+            self.reading_average in ("scores", "probabilities"),
+            "evaluation.reading_average",
+            self.reading_average,
+            "must be 'scores' or 'probabilities'",
+        )
 
 
 @dataclass

@@ -152,7 +152,14 @@ def tied_readings(
     return readings
 
 
-def mean_over_readings(inputs: list[np.ndarray], score: Any) -> torch.Tensor:
+def _item_probabilities(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax of full score rows over the items (column 0, padding, gets none)."""
+    scores = scores.float().clone()
+    scores[:, 0] = float("-inf")
+    return torch.softmax(scores, dim=1)
+
+
+def mean_over_readings(inputs: list[np.ndarray], score: Any, average: str = "scores") -> torch.Tensor:
     """The mean of ``score`` over readings of one batch of histories.
 
     Args:
@@ -160,6 +167,8 @@ def mean_over_readings(inputs: list[np.ndarray], score: Any) -> torch.Tensor:
             are scored whole; a later reading only for the rows whose input it changes).
         score: ``score(rows_input (C, W), rows)`` -> ``(C, N)`` scores, ``rows`` the int64 row
             indices of ``rows_input`` (None: all rows).
+        average: ``scores``, or ``probabilities``: each reading's full score rows (column 0
+            padding) are a softmax over the items, and the log of their mean comes back.
 
     Returns:
         ``(B, N)``, a new tensor.
@@ -167,15 +176,18 @@ def mean_over_readings(inputs: list[np.ndarray], score: Any) -> torch.Tensor:
     base = score(inputs[0], None)
     if len(inputs) == 1:
         return base
+    norm = _item_probabilities if average == "probabilities" else (lambda x: x)
+    base = norm(base)
     total = base.clone()
     for reading in inputs[1:]:
         changed = np.flatnonzero((reading != inputs[0]).any(axis=1))
         scores = base
         if len(changed):
             scores = base.clone()  # rows replaced, never base - base: a scorer's -inf stays -inf
-            scores[torch.from_numpy(changed).to(base.device)] = score(reading[changed], changed)
+            scores[torch.from_numpy(changed).to(base.device)] = norm(score(reading[changed], changed))
         total += scores
-    return total / len(inputs)
+    total = total / len(inputs)
+    return total.log() if average == "probabilities" else total
 
 
 def _uniform(seed: int, draw: int, keys: np.ndarray) -> np.ndarray:
@@ -730,8 +742,12 @@ def evaluate(
             lambda seq, rows: score(
                 torch.from_numpy(seq).to(device), None if rows is None else torch.from_numpy(rows).to(device)
             ),
+            eval_config.reading_average,
         )
 
+    mixture = eval_config.reading_average == "probabilities" and (
+        len(readings) > 1 or eval_config.deletion_readings > 0
+    )
     with _TrainingModes(scorer), torch.inference_mode():
         for protocol in protocols:
             ranks = np.empty(len(selection), dtype=np.int64)
@@ -746,7 +762,18 @@ def evaluate(
                 rows = selection[slots]
                 batch_users, batch_positions = users[rows], positions[rows]
                 user_ids = torch.from_numpy(batch_users).to(device)  # (B,)
-                if protocol == "sampled":
+                full_scores = lambda item_seq, r: _check_scores(  # noqa: E731
+                    scorer.full_sort_predict(user_ids if r is None else user_ids[r], item_seq),
+                    (len(item_seq), data.num_items + 1),
+                    "full_sort_predict",
+                    data,
+                )
+                if protocol == "sampled" and mixture:
+                    # A mean of probabilities needs every item's score of every reading.
+                    batch_candidates = torch.from_numpy(candidates[rows].astype(np.int64)).to(device)  # (B, C)
+                    scores = averaged(full_scores, batch_users, batch_positions).gather(1, batch_candidates)
+                    batch_ranks = ranks_from_candidate_scores(scores, batch_candidates > 0)
+                elif protocol == "sampled":
                     batch_candidates = torch.from_numpy(candidates[rows].astype(np.int64)).to(device)  # (B, C)
                     scores = averaged(
                         lambda item_seq, r: _check_scores(  # item_seq: (B or len(r), T)
@@ -764,16 +791,7 @@ def evaluate(
                     )
                     batch_ranks = ranks_from_candidate_scores(scores, batch_candidates > 0)
                 else:
-                    scores = averaged(
-                        lambda item_seq, r: _check_scores(
-                            scorer.full_sort_predict(user_ids if r is None else user_ids[r], item_seq),
-                            (len(item_seq), data.num_items + 1),
-                            "full_sort_predict",
-                            data,
-                        ),
-                        batch_users,
-                        batch_positions,
-                    )  # (B, I+1)
+                    scores = averaged(full_scores, batch_users, batch_positions)  # (B, I+1)
                     batch_targets = torch.from_numpy(targets[rows]).to(device).view(-1, 1)  # (B, 1)
                     target_scores = scores.gather(1, batch_targets).clone()  # (B, 1)
                     mask_rows, mask_items = history_items(items, offsets, batch_users, batch_positions)
@@ -976,6 +994,7 @@ def run_evaluation_command(
         "max_seq_len": config.model.max_seq_len,
         "tied_orders": result["tied_orders"],  # readings averaged: 1 without ties in the histories
         "deletion_readings": eval_config.deletion_readings,  # ... plus these, with deletions
+        "reading_average": eval_config.reading_average,
         "evaluation": dataclasses.asdict(eval_config),
         "package_version": __version__,
     }

@@ -35,7 +35,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from ..errors import CheckpointError, DataError, LLMRecError
+from ..errors import CheckpointError, ConfigError, DataError, LLMRecError
 from ..io_utils import atomic_file
 
 #: Floats of the (users, items) score matrix held at once (128 MB of float32).
@@ -100,6 +100,7 @@ class Recommender:
         tied_seed: int = 0,
         deletion_readings: int = 0,
         deletion_prob: float = 0.2,
+        reading_average: str = "scores",
     ) -> None:
         self.model = model.eval()
         self.data = data
@@ -126,6 +127,7 @@ class Recommender:
         self.tied_seed = int(tied_seed)
         self.deletion_readings = int(deletion_readings)  # evaluation.deletion_readings
         self.deletion_prob = float(deletion_prob)
+        self.reading_average = reading_average  # evaluation.reading_average
         weight = model.embeddings.item_embeddings.weight.detach()
         self.device = weight.device
         # What states are scored against: the item rows, plus the item bias as a last column
@@ -186,6 +188,7 @@ class Recommender:
             tied_seed=config.evaluation.seed,
             deletion_readings=config.evaluation.deletion_readings,
             deletion_prob=config.evaluation.deletion_prob,
+            reading_average=config.evaluation.reading_average,
         )
         recommender.config = config
         return recommender
@@ -357,7 +360,7 @@ class Recommender:
 
         inputs = [_history_tails(r, lengths, window) for r in readings]
         inputs += self._deletion_readings(readings, lengths, lambda flat, kept: _history_tails(flat, kept, window))
-        return mean_over_readings(inputs, score)
+        return mean_over_readings(inputs, score, self.reading_average)
 
     def _states(self, users: np.ndarray, flat_items: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
         """``model.user_state`` of each row, in length-sorted groups trimmed to their longest row.
@@ -481,6 +484,11 @@ class Recommender:
             flat, lengths, stamps = self._user_histories(chunk)
             readings = self._readings(flat, lengths, stamps)
             deleted = self._deletion_readings(readings, lengths, lambda kept_flat, kept: (kept_flat, kept))
+            if self.reading_average == "probabilities" and len(readings) + len(deleted) > 1:
+                raise ConfigError(
+                    "evaluation.reading_average: probabilities (this checkpoint's) averages the "
+                    "readings' item distributions, which no single query vector per user reproduces"
+                )
             with torch.inference_mode():  # states are linear in the scores: their mean scores the mean
                 states = sum(self._states(chunk, reading, lengths) for reading in readings)
                 states = states + sum(self._states(chunk, f, n) for f, n in deleted)
