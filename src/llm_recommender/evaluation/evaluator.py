@@ -724,6 +724,12 @@ def evaluate(
         seqs = [input_sequences(r, offsets, batch_users, batch_positions, max_seq_len) for r in readings]
         if eval_config.deletion_readings:
             width = seqs[0].shape[1]
+
+            def deleted_input(flat: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+                ends = np.cumsum(lengths)
+                rows = np.arange(len(lengths))
+                return pad_columns(input_sequences(flat, ends - lengths, rows, ends, max_seq_len), width)
+
             seqs += deletion_inputs(
                 readings,
                 offsets[batch_users],
@@ -731,11 +737,7 @@ def evaluate(
                 eval_config.deletion_readings,
                 eval_config.deletion_prob,
                 eval_config.seed,
-                lambda flat, lengths: pad_columns(
-                    input_sequences(flat, np.cumsum(lengths) - lengths, np.arange(len(lengths)),
-                                    np.cumsum(lengths), max_seq_len),
-                    width,
-                ),
+                deleted_input,
             )
         return mean_over_readings(
             seqs,
