@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -26,7 +27,7 @@ from llm_recommender.data.dataset import ProcessedData, TrainWindows
 from llm_recommender.errors import CheckpointError, ConfigError, TrainingError
 from llm_recommender.evaluation.baselines import PopularityBaseline
 from llm_recommender.evaluation.evaluator import evaluate
-from llm_recommender.trainers.stage_a_trainer import train_stage_a
+from llm_recommender.trainers.stage_a_trainer import StageATrainer, train_stage_a
 
 TINY = [
     "model.base_llm=gpt2",
@@ -185,7 +186,6 @@ def test_learning_rate_decays_on_a_plateau_and_the_refit_replays_it(tiny_data, t
     """stage_a.lr_decay_patience: the rate is multiplied by lr_decay_factor after every k
     validations without a better NDCG@10; the refit, which never validates, decays after the
     same epochs, so it repeats the validated run's schedule."""
-    from llm_recommender.trainers.stage_a_trainer import StageATrainer
 
     scripted = iter([0.10, 0.09, 0.20, 0.19, 0.18, 0.17, 0.16, 0.15])
 
@@ -227,7 +227,6 @@ def test_weight_average_is_validated_saved_and_resumed(tiny_data, tmp_path, monk
     """stage_a.ema_decay: validation and best_model/ see the running average of the weights
     (recomputed here from every step's weights), last/ keeps the training weights and the
     averages ride in its state, so a resumed run ends with the same averages."""
-    from llm_recommender.trainers.stage_a_trainer import StageATrainer
 
     decay = 0.9
     step_weights: list[dict[str, torch.Tensor]] = []
@@ -287,7 +286,6 @@ def test_validations_are_at_least_eval_min_steps_apart(tiny_data, tmp_path, monk
     """stage_a.eval_min_steps: with 400 users and a batch of 200 (2 steps per epoch), every epoch
     would validate; at least 5 steps apart rounds the cadence up to every 3 epochs, and patience
     counts those validations."""
-    from llm_recommender.trainers.stage_a_trainer import StageATrainer
 
     scripted = iter([0.10, 0.20, 0.15, 0.14, 0.13, 0.12])
 
@@ -308,7 +306,6 @@ def test_epoch_loss_average_weighs_every_target_position_the_same(tiny_data, tmp
     """stage_a.loss_average=epoch: a batch's loss is its sum over target positions divided by
     the epoch's average positions per batch (a batch of short windows no longer weighs each of
     its positions more); batch: the mean over the batch's positions."""
-    from llm_recommender.trainers.stage_a_trainer import StageATrainer
 
     trainer = StageATrainer(_config("stage_a.loss_average=epoch", "model.use_user_token=false"), tiny_data,
                             tmp_path / "run")
@@ -332,7 +329,6 @@ def test_last_batch_fill_trains_every_window_every_epoch(tiny_data, tmp_path):
     different 100 skipped each epoch; a batch larger than the data is an error under drop."""
     from llm_recommender.data.dataset import epoch_batches
     from llm_recommender.errors import ConfigError
-    from llm_recommender.trainers.stage_a_trainer import StageATrainer
 
     lengths = np.random.default_rng(0).integers(2, 20, 400)
     for bucketing in (False, True):
@@ -800,3 +796,22 @@ def test_the_trainer_reorders_tied_events_at_every_epoch(tiny_data, tmp_path, mo
     tied = calls[0][2]
     assert tied > 0 and calls == [(5, 0, tied), (5, 1, tied)]  # epochs count from 0
     assert f"({tied:,} tied events reordered every epoch)" in capsys.readouterr().out
+
+
+def test_validation_takes_its_own_deletion_readings(tiny_data, tmp_path):
+    """``stage_a.eval_deletion_readings`` sets the readings of the validation that picks the
+    best epoch; ``null`` keeps the evaluation's own, and the evaluation config is untouched."""
+    base = ("evaluation.deletion_readings=3", "evaluation.deletion_prob=0.3", "stage_a.eval_protocol=full")
+    trainer = StageATrainer(_config(*base, "stage_a.eval_deletion_readings=0"), tiny_data, tmp_path / "a")
+    model = trainer._eval_model()
+    data = ProcessedData(tiny_data)
+    plain, read = (evaluate(model, data, "valid", dataclasses.replace(trainer.config.evaluation, deletion_readings=n),
+                            trainer.config.model.max_seq_len, protocols=("full",)) for n in (0, 3))
+    assert plain["full"]["NDCG@10"] != read["full"]["NDCG@10"]  # the readings do move the score
+    assert trainer.validate()["full"]["NDCG@10"] == plain["full"]["NDCG@10"]
+    assert trainer.config.evaluation.deletion_readings == 3
+    same = StageATrainer(_config(*base), tiny_data, tmp_path / "b")
+    same.model.load_state_dict(model.state_dict())
+    assert same.validate()["full"]["NDCG@10"] == read["full"]["NDCG@10"]
+    with pytest.raises(ConfigError, match="stage_a.eval_deletion_readings"):
+        _config("stage_a.eval_deletion_readings=-1")

@@ -587,6 +587,13 @@ class StageAConfig:
     """Protocol of the validation metric used for early stopping."""
     eval_max_users: Optional[int] = None
     """Validate on a seeded sample of users (``null``: all); the test is always on all."""
+    eval_deletion_readings: Optional[int] = None
+    """``evaluation.deletion_readings`` of the validation that picks the best epoch and stops
+    the run (``null``: the evaluation's own). Each reading is one more forward pass, so the
+    readings multiply every validation's cost (Beauty: 3 s -> ~100 s at 32) while they raise
+    every epoch's score by about the same amount and so hardly move which epoch is best; 0
+    validates on the plain reading and leaves the readings to ``llmrec evaluate``, serving and
+    the neighbour weight of ``validated_model``."""
     windows_per_user: Optional[int] = 1
     """Training windows per user per epoch: the most recent one, then earlier, non-overlapping
     ones of ``model.max_seq_len + 1`` events. ``null``: all of them, so every training event is
@@ -750,6 +757,12 @@ class StageAConfig:
             "stage_a.eval_max_users",
             self.eval_max_users,
             "must be >= 1 or null",
+        )
+        _check(
+            self.eval_deletion_readings is None or self.eval_deletion_readings >= 0,
+            "stage_a.eval_deletion_readings",
+            self.eval_deletion_readings,
+            "must be >= 0 or null (evaluation.deletion_readings)",
         )
         _check(
             self.windows_per_user is None or self.windows_per_user >= 1,

@@ -686,12 +686,15 @@ class StageATrainer:
 
         cfg = self.config.stage_a
         model = self._eval_model()
+        readings = self.config.evaluation
+        if cfg.eval_deletion_readings is not None:
+            readings = dataclasses.replace(readings, deletion_readings=cfg.eval_deletion_readings)
         with self._averaged_weights():
             result = evaluate(
                 model,
                 self.data,
                 "valid",
-                self.config.evaluation,
+                readings,
                 self.config.model.max_seq_len,
                 protocols=(cfg.eval_protocol,),
                 max_users=cfg.eval_max_users,
