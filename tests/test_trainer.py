@@ -27,7 +27,7 @@ from llm_recommender.data.dataset import ProcessedData, TrainWindows
 from llm_recommender.errors import CheckpointError, ConfigError, TrainingError
 from llm_recommender.evaluation.baselines import PopularityBaseline
 from llm_recommender.evaluation.evaluator import evaluate
-from llm_recommender.trainers.stage_a_trainer import StageATrainer, train_stage_a
+from llm_recommender.trainers.stage_a_trainer import StageATrainer, train_stage_a, validation_evaluation
 
 TINY = [
     "model.base_llm=gpt2",
@@ -810,8 +810,11 @@ def test_validation_takes_its_own_deletion_readings(tiny_data, tmp_path):
     assert plain["full"]["NDCG@10"] != read["full"]["NDCG@10"]  # the readings do move the score
     assert trainer.validate()["full"]["NDCG@10"] == plain["full"]["NDCG@10"]
     assert trainer.config.evaluation.deletion_readings == 3
+    # The neighbour weight of validated_model and the order-strength gate validate the same way.
+    assert validation_evaluation(trainer.config) == dataclasses.replace(trainer.config.evaluation, deletion_readings=0)
     same = StageATrainer(_config(*base), tiny_data, tmp_path / "b")
     same.model.load_state_dict(model.state_dict())
     assert same.validate()["full"]["NDCG@10"] == read["full"]["NDCG@10"]
+    assert validation_evaluation(same.config) is same.config.evaluation
     with pytest.raises(ConfigError, match="stage_a.eval_deletion_readings"):
         _config("stage_a.eval_deletion_readings=-1")

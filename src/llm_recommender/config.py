@@ -588,12 +588,14 @@ class StageAConfig:
     eval_max_users: Optional[int] = None
     """Validate on a seeded sample of users (``null``: all); the test is always on all."""
     eval_deletion_readings: Optional[int] = None
-    """``evaluation.deletion_readings`` of the validation that picks the best epoch and stops
-    the run (``null``: the evaluation's own). Each reading is one more forward pass, so the
-    readings multiply every validation's cost (Beauty: 3 s -> ~100 s at 32) while they raise
+    """``evaluation.deletion_readings`` of every validation training does: the one that picks
+    the best epoch and stops the run, the neighbour weight of ``validated_model`` and the gate
+    of ``window_reversal: weak_order`` (``null``: the evaluation's own). Each reading is one
+    more forward pass, so the readings multiply every validation's cost (Beauty: 3 s -> ~100 s
+    at 32; a neighbour weight grid of 9 weights in 2 directions, 18 of them) while they raise
     every epoch's score by about the same amount and so hardly move which epoch is best; 0
-    validates on the plain reading and leaves the readings to ``llmrec evaluate``, serving and
-    the neighbour weight of ``validated_model``."""
+    validates on the plain reading and leaves the readings to ``llmrec evaluate`` and
+    serving."""
     windows_per_user: Optional[int] = 1
     """Training windows per user per epoch: the most recent one, then earlier, non-overlapping
     ones of ``model.max_seq_len + 1`` events. ``null``: all of them, so every training event is

@@ -36,7 +36,7 @@ from ..checkpoint import (
     save_checkpoint,
     unflatten_state,
 )
-from ..config import Config
+from ..config import Config, EvaluationConfig
 from ..data.dataset import ProcessedData, TrainWindows, epoch_batches, num_batches
 from ..errors import ConfigError, TrainingError
 from ..io_utils import atomic_write_text, clean_stale_temporaries
@@ -686,15 +686,12 @@ class StageATrainer:
 
         cfg = self.config.stage_a
         model = self._eval_model()
-        readings = self.config.evaluation
-        if cfg.eval_deletion_readings is not None:
-            readings = dataclasses.replace(readings, deletion_readings=cfg.eval_deletion_readings)
         with self._averaged_weights():
             result = evaluate(
                 model,
                 self.data,
                 "valid",
-                readings,
+                validation_evaluation(self.config),
                 self.config.model.max_seq_len,
                 protocols=(cfg.eval_protocol,),
                 max_users=cfg.eval_max_users,
@@ -919,6 +916,16 @@ class StageATrainer:
         os.replace(tmp, self.output_dir / "training_curves.png")
 
 
+def validation_evaluation(config: Config) -> EvaluationConfig:
+    """The evaluation settings of every validation training does (the best epoch and the stop,
+    the neighbour weight of ``validated_model``, the order-strength gate): the evaluation's own,
+    with ``stage_a.eval_deletion_readings`` readings where it is set."""
+    readings = config.stage_a.eval_deletion_readings
+    if readings is None:
+        return config.evaluation
+    return dataclasses.replace(config.evaluation, deletion_readings=readings)
+
+
 def order_strength(config: Config, data: ProcessedData) -> dict[str, Any]:
     """Whether a log's order says little (``stage_a.window_reversal: weak_order``): item-kNN of
     the training events (``model.item_knn``'s settings) scored on the validation split, full
@@ -931,8 +938,8 @@ def order_strength(config: Config, data: ProcessedData) -> dict[str, Any]:
     scores = {}
     for direction in ("both", "forward"):
         knn = ItemKNNBaseline(data, settings=dataclasses.replace(config.model.item_knn, direction=direction))
-        result = evaluate(knn, data, "valid", config.evaluation, config.model.max_seq_len, protocols=("full",),
-                          max_users=config.stage_a.eval_max_users, cache_candidates=False)
+        result = evaluate(knn, data, "valid", validation_evaluation(config), config.model.max_seq_len,
+                          protocols=("full",), max_users=config.stage_a.eval_max_users, cache_candidates=False)
         scores[direction] = float(result["full"]["NDCG@10"])
     return {"item_knn_valid_ndcg10": scores, "weak": scores["both"] > scores["forward"]}
 
@@ -1044,7 +1051,7 @@ def _save_validated_model(config: Config, data_dir: Path, output_dir: Path, summ
                   f"({time.perf_counter() - started:.1f}s)", flush=True)
             for weight in grid:
                 model.attach_item_knn(table, weight)
-                result = evaluate(model, data, "valid", config.evaluation, config.model.max_seq_len,
+                result = evaluate(model, data, "valid", validation_evaluation(config), config.model.max_seq_len,
                                   protocols=(stage_a.eval_protocol,), max_users=stage_a.eval_max_users)
                 scores[direction, weight] = float(result[stage_a.eval_protocol]["NDCG@10"])
                 print(f"item_knn: {direction}, weight {weight:g}: valid NDCG@10 {scores[direction, weight]:.4f}",
