@@ -86,7 +86,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = _load(args)
     train_stage_a(config, Path(args.data_dir), Path(args.output_dir), resume=args.resume)
+    _end_process_group()
     return 0
+
+
+def _end_process_group() -> None:
+    """Under ``accelerate launch``: wait for every rank (the main one writes the final
+    checkpoints last), then destroy the process group before the interpreter exits. Left to
+    interpreter shutdown, gloo's worker threads can abort a rank (SIGABRT, "terminate called
+    without an active exception"), and the launcher then fails a run that has finished."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
