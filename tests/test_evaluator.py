@@ -15,10 +15,10 @@ from llm_recommender.config import Config, EvaluationConfig
 from llm_recommender.data.dataset import ProcessedData
 from llm_recommender.errors import ConfigError, DataError
 from llm_recommender.evaluation.evaluator import (
-    deleted_histories,
-    get_candidates,
     candidates_path,
+    deleted_histories,
     evaluate,
+    get_candidates,
     input_sequences,
     load_candidates,
     run_evaluation_command,
@@ -387,7 +387,7 @@ def test_evaluation_averages_scores_over_deletion_readings(tmp_path):
     for row, user_items in enumerate([[1, 2, 3, 4], [6, 2, 8]]):
         lasts = [user_items[-1]]  # the reading as given, then the 64 with deletions
         for draw in range(64):
-            flat, s, e = deleted_histories(data.items, starts, positions, 0.4, config.seed, draw)
+            flat, _, e = deleted_histories(data.items, starts, positions, 0.4, config.seed, draw)
             lasts.append(int(flat[e[row] - 1]))
         assert len(set(lasts)) > 1
         items = np.arange(data.num_items + 1)
@@ -410,7 +410,7 @@ def test_evaluation_can_average_the_readings_probabilities(tmp_path):
     for row, user_items in enumerate([[1, 2, 3, 4], [6, 2, 8]]):
         lasts = [user_items[-1]]
         for draw in range(64):
-            flat, s, e = deleted_histories(data.items, starts, positions, 0.4, config.seed, draw)
+            flat, _, e = deleted_histories(data.items, starts, positions, 0.4, config.seed, draw)
             lasts.append(int(flat[e[row] - 1]))
         odds = [np.exp(-np.abs(items - last)) for last in lasts]
         expected = np.concatenate([[-np.inf], np.log(np.mean([o / o.sum() for o in odds], axis=0))])

@@ -770,27 +770,25 @@ def evaluate(
                     "full_sort_predict",
                     data,
                 )
-                if protocol == "sampled" and mixture:
-                    # A mean of probabilities needs every item's score of every reading.
+                if protocol == "sampled":
                     batch_candidates = torch.from_numpy(candidates[rows].astype(np.int64)).to(device)  # (B, C)
-                    scores = averaged(full_scores, batch_users, batch_positions).gather(1, batch_candidates)
-                    batch_ranks = ranks_from_candidate_scores(scores, batch_candidates > 0)
-                elif protocol == "sampled":
-                    batch_candidates = torch.from_numpy(candidates[rows].astype(np.int64)).to(device)  # (B, C)
-                    scores = averaged(
-                        lambda item_seq, r: _check_scores(  # item_seq: (B or len(r), T)
-                            scorer.predict_candidates(
-                                user_ids if r is None else user_ids[r],
-                                item_seq,
-                                batch_candidates if r is None else batch_candidates[r],
+                    if mixture:  # a mean of probabilities needs every item's score of every reading
+                        scores = averaged(full_scores, batch_users, batch_positions).gather(1, batch_candidates)
+                    else:
+                        scores = averaged(
+                            lambda item_seq, r: _check_scores(  # item_seq: (B or len(r), T)
+                                scorer.predict_candidates(
+                                    user_ids if r is None else user_ids[r],
+                                    item_seq,
+                                    batch_candidates if r is None else batch_candidates[r],
+                                ),
+                                (len(item_seq), batch_candidates.shape[1]),
+                                "predict_candidates",
+                                data,
                             ),
-                            (len(item_seq), batch_candidates.shape[1]),
-                            "predict_candidates",
-                            data,
-                        ),
-                        batch_users,
-                        batch_positions,
-                    )
+                            batch_users,
+                            batch_positions,
+                        )
                     batch_ranks = ranks_from_candidate_scores(scores, batch_candidates > 0)
                 else:
                     scores = averaged(full_scores, batch_users, batch_positions)  # (B, I+1)
