@@ -422,6 +422,38 @@ def test_evaluation_can_average_the_readings_probabilities(tmp_path):
         assert many["ranks"]["full"][row] == int((expected >= expected[target]).sum()) - 1
 
 
+def test_item_readings_score_the_model_with_its_recent_items_read_alone_and_leave_it_as_it_was(tmp_path):
+    """``evaluation.item_readings`` gives the model its item readings for the evaluation only
+    (both protocols, every reading), and a baseline is scored as it is."""
+    from llm_recommender.config import load_config
+    from llm_recommender.models.stage_a_model import build_model
+
+    data = random_data(tmp_path / "d", num_users=12, num_items=15)
+    torch.manual_seed(0)
+    config = load_config(None, ["model.random_init_stage_a_llm=true", "model.num_layers=1", "model.hidden_size=16",
+                                "model.num_heads=2", "model.embedding_dim=8", "model.max_seq_len=6",
+                                "model.use_user_token=false", "embeddings.init_std=0.3"])
+    model = build_model(config, data.num_users, data.num_items).eval()
+    readings = EvaluationConfig(num_negatives=5, item_readings=2, item_readings_weight=0.9, deletion_readings=3)
+    mixed = evaluate(model, data, "test", readings, 6, return_ranks=True)
+    assert (model.item_readings, model.item_readings_weight) == (0, 0.0)  # restored
+    plain = evaluate(model, data, "test", EvaluationConfig(num_negatives=5, deletion_readings=3), 6, return_ranks=True)
+    model.item_readings, model.item_readings_weight = 2, 0.9  # what the evaluation set, by hand:
+    delegate = types.SimpleNamespace(full_sort_predict=model.full_sort_predict, predict_candidates=model.predict_candidates)
+    by_hand = evaluate(delegate, data, "test", EvaluationConfig(num_negatives=5, deletion_readings=3), 6, return_ranks=True)
+    for protocol in ("sampled", "full"):
+        assert mixed["ranks"][protocol].tolist() == by_hand["ranks"][protocol].tolist()
+    assert mixed["ranks"]["full"].tolist() != plain["ranks"]["full"].tolist()
+    scorer = LastItemScorer(data.num_items)
+    base = evaluate(scorer, data, "test", EvaluationConfig(num_negatives=5), 6, return_ranks=True)
+    same = evaluate(scorer, data, "test", EvaluationConfig(num_negatives=5, item_readings=3), 6, return_ranks=True)
+    assert base["ranks"]["full"].tolist() == same["ranks"]["full"].tolist()
+    with pytest.raises(ConfigError, match="evaluation.item_readings"):
+        EvaluationConfig(item_readings=-1)
+    with pytest.raises(ConfigError, match="evaluation.item_readings_weight"):
+        EvaluationConfig(item_readings_weight=0)
+
+
 def test_tied_orders_must_be_positive():
     with pytest.raises(ConfigError, match="evaluation.tied_orders"):
         EvaluationConfig(tied_orders=0)

@@ -389,6 +389,36 @@ def test_real_checkpoint_matches_full_sort_predict(tiny_checkpoint):
         assert not set(items[user - 1].tolist()) & set(history.tolist())
 
 
+def test_served_scores_and_query_vectors_mix_in_the_item_readings(tmp_path_factory):
+    """A checkpoint whose evaluation has ``item_readings`` is served as it was evaluated: the
+    recommendations and the exported query vectors are the model's with its last items read
+    alone mixed in."""
+    checkpoint, _ = build_tiny_checkpoint(
+        tmp_path_factory.getbasetemp() / "tiny_item_readings_checkpoint",
+        ("evaluation.item_readings=2", "evaluation.item_readings_weight=0.5"),
+    )
+    rec = Recommender.from_checkpoint(checkpoint)
+    assert (rec.model.item_readings, rec.model.item_readings_weight) == (2, 0.5)
+    users = np.arange(1, 11)
+    items, scores = rec.recommend_users(users, k=5)
+    states = rec.user_states(users)
+    for user in users:
+        history = rec.history_of(int(user))
+        seq = torch.from_numpy(history[-rec.max_seq_len :])[None, :]
+        with torch.inference_mode():
+            state = rec.model.user_state(torch.tensor([int(user)]), seq)[0]
+            rec.model.item_readings = 0
+            plain = rec.model.user_state(torch.tensor([int(user)]), seq)[0]
+            rec.model.item_readings = 2
+            last_two = [rec.model.user_state(torch.tensor([int(user)]), torch.tensor([[i]]))[0] for i in history[-2:]]
+        assert torch.allclose(state, 0.5 * plain + 0.25 * (last_two[0] + last_two[1]), atol=1e-5)
+        np.testing.assert_allclose(states[user - 1], state.numpy(), rtol=1e-4, atol=1e-5)
+        reference = (state @ rec.item_table.T).clone()
+        reference[0] = float("-inf")
+        reference[torch.from_numpy(history)] = float("-inf")
+        assert items[user - 1].tolist() == torch.topk(reference, 5).indices.tolist()
+
+
 def test_length_grouped_states_equal_one_padded_forward(tiny_checkpoint, monkeypatch):
     import llm_recommender.serving.recommend as recommend
 

@@ -457,3 +457,36 @@ def test_the_item_bias_starts_at_the_centred_log_popularity_and_round_trips(tmp_
     _round_trip(config, tmp_path)  # saved and reloaded with the rest of the weights
     with pytest.raises(ConfigError, match="needs model.item_bias: true"):
         _config("model.item_bias_init=log_popularity")
+
+
+@pytest.mark.parametrize("use_user_token", [True, False])
+def test_item_readings_mix_each_recent_item_read_alone_into_the_state(use_user_token):
+    """``item_readings`` k: the state is (1 - w) x the history's + w x the mean state of its last
+    k items each read as a one-item history; rows with fewer items use what they have, and left
+    padding reads the same as right padding."""
+    torch.manual_seed(0)
+    model = build_model(_config(*RANDOM_TINY["gpt2"], f"model.use_user_token={str(use_user_token).lower()}"),
+                        NUM_USERS, NUM_ITEMS).eval()
+    users = torch.tensor([1, 2, 3])
+    right = torch.tensor([[4, 5, 6, 7, 8], [9, 3, 0, 0, 0], [11, 0, 0, 0, 0]])
+    left = torch.tensor([[4, 5, 6, 7, 8], [0, 0, 0, 9, 3], [0, 0, 0, 0, 11]])
+    with torch.no_grad():
+        plain = model.user_state(users, right)
+        model.item_readings, model.item_readings_weight = 3, 0.25
+        mixed = model.user_state(users, right)
+        assert torch.allclose(model.user_state(users, left), mixed, atol=1e-6)
+        model.item_readings = 0
+        assert torch.equal(model.user_state(users, right), plain)  # off: the history alone
+        alone = lambda user, item: model.user_state(torch.tensor([user]), torch.tensor([[item]]))[0]  # noqa: E731
+        expected = [
+            0.75 * plain[0] + 0.25 * (alone(1, 6) + alone(1, 7) + alone(1, 8)) / 3,  # the last 3 of 5
+            0.75 * plain[1] + 0.25 * (alone(2, 9) + alone(2, 3)) / 2,  # both of 2
+            0.75 * plain[2] + 0.25 * alone(3, 11),  # a one-item history: its own state
+        ]
+    assert torch.allclose(mixed, torch.stack(expected), atol=1e-5)
+    assert torch.allclose(mixed[2], plain[2], atol=1e-5)
+    # Scores are linear in the state: full_sort_predict ranks with the mixed state.
+    model.item_readings = 3
+    with torch.no_grad():
+        scores = model.full_sort_predict(users, right)
+    assert torch.allclose(scores[:, 1:], (mixed @ model.scoring_table().float().T)[:, 1:], atol=1e-5)

@@ -818,3 +818,16 @@ def test_validation_takes_its_own_deletion_readings(tiny_data, tmp_path):
     assert validation_evaluation(same.config) is same.config.evaluation
     with pytest.raises(ConfigError, match="stage_a.eval_deletion_readings"):
         _config("stage_a.eval_deletion_readings=-1")
+
+
+def test_validation_takes_its_own_item_readings():
+    """``stage_a.eval_item_readings`` sets the item readings of every validation, beside
+    ``eval_deletion_readings``; the evaluation config keeps its own for evaluate and serving."""
+    config = _config("evaluation.item_readings=3", "evaluation.deletion_readings=4",
+                     "stage_a.eval_item_readings=0", "stage_a.eval_deletion_readings=0")
+    assert validation_evaluation(config) == dataclasses.replace(config.evaluation, item_readings=0, deletion_readings=0)
+    assert (config.evaluation.item_readings, config.evaluation.deletion_readings) == (3, 4)
+    only = _config("evaluation.item_readings=3", "stage_a.eval_item_readings=1")
+    assert validation_evaluation(only) == dataclasses.replace(only.evaluation, item_readings=1)
+    with pytest.raises(ConfigError, match="stage_a.eval_item_readings"):
+        _config("stage_a.eval_item_readings=-1")

@@ -596,6 +596,9 @@ class StageAConfig:
     every epoch's score by about the same amount and so hardly move which epoch is best; 0
     validates on the plain reading and leaves the readings to ``llmrec evaluate`` and
     serving."""
+    eval_item_readings: Optional[int] = None
+    """``evaluation.item_readings`` of every validation training does (the same validations as
+    ``eval_deletion_readings``; ``null``: the evaluation's own; 0: each history alone)."""
     windows_per_user: Optional[int] = 1
     """Training windows per user per epoch: the most recent one, then earlier, non-overlapping
     ones of ``model.max_seq_len + 1`` events. ``null``: all of them, so every training event is
@@ -767,6 +770,12 @@ class StageAConfig:
             "must be >= 0 or null (evaluation.deletion_readings)",
         )
         _check(
+            self.eval_item_readings is None or self.eval_item_readings >= 0,
+            "stage_a.eval_item_readings",
+            self.eval_item_readings,
+            "must be >= 0 or null (evaluation.item_readings)",
+        )
+        _check(
             self.windows_per_user is None or self.windows_per_user >= 1,
             "stage_a.windows_per_user",
             self.windows_per_user,
@@ -820,10 +829,28 @@ class EvaluationConfig:
     is the score): the mixture of the readings' predictions. ``probabilities`` scores the
     sampled protocol from every item's score, and has no single query vector per user, so
     ``export-embeddings`` refuses it when there is more than one reading."""
+    item_readings: int = 0
+    """The last ``k`` items of every history read alone, each as a one-item history, besides
+    the history itself: the user's state (the query vector) is ``1 - item_readings_weight``
+    times the history's plus ``item_readings_weight`` times the mean of the ``k`` one-item
+    states, so every recent item also votes on its own for what follows it (the network
+    predicts from one item at the first position of every training window). Every reading of
+    ``tied_orders`` and ``deletion_readings`` mixes in its own last ``k`` items. Each costs a
+    forward pass of one token per row. The network's own readings: item neighbours
+    (``model.item_knn``) and baselines are scored as they are. 0: off."""
+    item_readings_weight: float = 0.33
+    """Weight of the ``item_readings`` in the query vector, in (0, 1]."""
 
     def __post_init__(self) -> None:
         _check(
             self.num_negatives >= 1, "evaluation.num_negatives", self.num_negatives, "must be >= 1"
+        )
+        _check(self.item_readings >= 0, "evaluation.item_readings", self.item_readings, "must be >= 0")
+        _check(
+            0 < self.item_readings_weight <= 1,
+            "evaluation.item_readings_weight",
+            self.item_readings_weight,
+            "must be in (0, 1]",
         )
         _check(
             len(self.ks) >= 1 and all(isinstance(k, int) and k >= 1 for k in self.ks),

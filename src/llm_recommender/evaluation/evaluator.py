@@ -605,6 +605,27 @@ class _TrainingModes:
             module.training = mode
 
 
+class ItemReadings:
+    """Give a model ``evaluation.item_readings`` (its ``item_readings`` and
+    ``item_readings_weight`` attributes) while it scores, and restore its own afterwards. A
+    scorer without them (a baseline) is scored as it is."""
+
+    def __init__(self, scorer: Any, count: int, weight: float) -> None:
+        self.scorer = scorer
+        self.setting = (int(count), float(weight))
+        self.saved: tuple[int, float] | None = None
+
+    def __enter__(self) -> "ItemReadings":
+        if hasattr(self.scorer, "item_readings"):
+            self.saved = (self.scorer.item_readings, self.scorer.item_readings_weight)
+            self.scorer.item_readings, self.scorer.item_readings_weight = self.setting
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.saved is not None:
+            self.scorer.item_readings, self.scorer.item_readings_weight = self.saved
+
+
 def _check_scores(scores: Any, shape: tuple[int, int], method: str, data: ProcessedData) -> torch.Tensor:
     if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != shape:
         got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
@@ -750,7 +771,9 @@ def evaluate(
     mixture = eval_config.reading_average == "probabilities" and (
         len(readings) > 1 or eval_config.deletion_readings > 0
     )
-    with _TrainingModes(scorer), torch.inference_mode():
+    with _TrainingModes(scorer), ItemReadings(
+        scorer, eval_config.item_readings, eval_config.item_readings_weight
+    ), torch.inference_mode():
         for protocol in protocols:
             ranks = np.empty(len(selection), dtype=np.int64)
             batches = range(0, len(selection), batch_size)
@@ -994,6 +1017,8 @@ def run_evaluation_command(
         "max_seq_len": config.model.max_seq_len,
         "tied_orders": result["tied_orders"],  # readings averaged: 1 without ties in the histories
         "deletion_readings": eval_config.deletion_readings,  # ... plus these, with deletions
+        # ... each mixed with its last item_readings items read alone (a model's, not a baseline's)
+        "item_readings": eval_config.item_readings if hasattr(scorer, "item_readings") else 0,
         "reading_average": eval_config.reading_average,
         "evaluation": dataclasses.asdict(eval_config),
         "package_version": __version__,

@@ -494,6 +494,10 @@ class StageAModel(nn.Module):
         # trainer after training, or by load_checkpoint; not an nn.Module state (no gradient).
         self.item_knn = None
         self.item_knn_weight = 0.0
+        # evaluation.item_readings / item_readings_weight: set by the evaluator and the
+        # recommender for the duration of their scoring (user_state), never by training.
+        self.item_readings = 0
+        self.item_readings_weight = 0.0
         self._freeze_parameters(config)
         self.train()
 
@@ -632,14 +636,48 @@ class StageAModel(nn.Module):
     def user_state(self, user_ids: torch.Tensor, item_seq: torch.Tensor) -> torch.Tensor:
         """State at the last visible position (left or right padding): ``(B, d)``.
 
-        Histories longer than ``model.max_seq_len`` keep their most recent items.
+        Histories longer than ``model.max_seq_len`` keep their most recent items. With
+        :attr:`item_readings` ``k > 0`` (``evaluation.item_readings``, set while scoring) the
+        state is ``(1 - w)`` times the history's plus ``w`` times the mean state of its last
+        ``k`` items each read alone (:meth:`item_reading_states`; ``w`` is
+        :attr:`item_readings_weight`); scores are linear in the state, so this mixes the scores.
         """
         item_seq = keep_recent(item_seq, self.max_seq_len)  # (B, T<=max_seq_len)
         states = self(user_ids, item_seq)  # (B, S, d)
         mask = self._output_mask(item_seq)  # (B, S)
         positions = torch.arange(mask.shape[1], device=mask.device)  # (S,)
         last = (mask.long() * positions).argmax(dim=1)  # (B,) last visible position
-        return states[torch.arange(states.shape[0], device=states.device), last]  # (B, d)
+        state = states[torch.arange(states.shape[0], device=states.device), last]  # (B, d)
+        if self.item_readings > 0 and self.item_readings_weight > 0:
+            singles, has_items = self.item_reading_states(user_ids, item_seq, self.item_readings)
+            weight = float(self.item_readings_weight)
+            mixed = singles if weight >= 1 else (1.0 - weight) * state + weight * singles
+            state = torch.where(has_items[:, None], mixed.to(state.dtype), state)
+        return state
+
+    def item_reading_states(
+        self, user_ids: torch.Tensor, item_seq: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean state of the last ``k`` items of each history, each read alone as a
+        one-item history (with the user token, if the model has one): ``(B, d)``, and ``(B,)``
+        whether the row has an item at all (an empty row's state is 0).
+
+        A one-item history is what the network reads at the first position of every training
+        window, so it predicts from each recent item alone what follows that item: every recent
+        item votes separately, where the history's own state is one reading of all of them.
+        """
+        mask = item_seq != 0  # (B, T)
+        count = mask.sum(dim=1)  # (B,)
+        from_end = count[:, None] - mask.long().cumsum(dim=1)  # (B, T) 0 at the last item
+        picked = mask & (from_end < k)  # (B, T) the last k items
+        rows, columns = picked.nonzero(as_tuple=True)  # (P,) each picked item's row and column
+        if len(rows) == 0:
+            return item_seq.new_zeros((len(item_seq), self.embedding_dim), dtype=torch.float32), count > 0
+        states = self(user_ids[rows], item_seq[rows, columns][:, None])[:, -1]  # (P, d)
+        total = states.new_zeros((len(item_seq), states.shape[1]))  # (B, d)
+        total.index_add_(0, rows, states)
+        taken = picked.sum(dim=1).clamp_min(1).to(total.dtype)  # (B,)
+        return total / taken[:, None], count > 0
 
     def scoring_table(self) -> torch.Tensor:
         """The item rows states are scored against: ``(I+1, d)``, or ``(I+1, d+1)`` with

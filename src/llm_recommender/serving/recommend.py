@@ -101,8 +101,12 @@ class Recommender:
         deletion_readings: int = 0,
         deletion_prob: float = 0.2,
         reading_average: str = "scores",
+        item_readings: int = 0,
+        item_readings_weight: float = 0.33,
     ) -> None:
         self.model = model.eval()
+        if item_readings and hasattr(model, "item_readings"):  # evaluation.item_readings
+            model.item_readings, model.item_readings_weight = int(item_readings), float(item_readings_weight)
         self.data = data
         self.checkpoint = str(checkpoint) if checkpoint is not None else None
         self.num_users = int(model.num_users)
@@ -189,6 +193,8 @@ class Recommender:
             deletion_readings=config.evaluation.deletion_readings,
             deletion_prob=config.evaluation.deletion_prob,
             reading_average=config.evaluation.reading_average,
+            item_readings=config.evaluation.item_readings,
+            item_readings_weight=config.evaluation.item_readings_weight,
         )
         recommender.config = config
         return recommender

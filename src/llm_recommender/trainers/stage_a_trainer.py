@@ -919,11 +919,14 @@ class StageATrainer:
 def validation_evaluation(config: Config) -> EvaluationConfig:
     """The evaluation settings of every validation training does (the best epoch and the stop,
     the neighbour weight of ``validated_model``, the order-strength gate): the evaluation's own,
-    with ``stage_a.eval_deletion_readings`` readings where it is set."""
-    readings = config.stage_a.eval_deletion_readings
-    if readings is None:
-        return config.evaluation
-    return dataclasses.replace(config.evaluation, deletion_readings=readings)
+    with ``stage_a.eval_deletion_readings`` and ``stage_a.eval_item_readings`` readings where
+    they are set."""
+    changes = {}
+    if config.stage_a.eval_deletion_readings is not None:
+        changes["deletion_readings"] = config.stage_a.eval_deletion_readings
+    if config.stage_a.eval_item_readings is not None:
+        changes["item_readings"] = config.stage_a.eval_item_readings
+    return dataclasses.replace(config.evaluation, **changes) if changes else config.evaluation
 
 
 def order_strength(config: Config, data: ProcessedData) -> dict[str, Any]:
