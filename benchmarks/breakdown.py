@@ -2,11 +2,15 @@
 
     python benchmarks/breakdown.py --data_dir DATA --model NAME=CHECKPOINT [--model ...]
         [--network NAME=CHECKPOINT ...] [--split test] [--knn_direction both] [--tied_orders N]
-        [--threads 1] [--name NAME]
+        [--deletion_readings N] [--item_readings N] [--mean NAME] [--bootstrap 2000] [--threads 1] [--name NAME]
 
 ``--model`` scores a checkpoint as it is (with its neighbour table, if it has one);
 ``--network`` scores it without the table: the network alone. Each checkpoint is scored with
-its own ``evaluation.tied_orders`` unless ``--tied_orders`` is given.
+its own ``evaluation`` readings (``tied_orders``, ``deletion_readings``, ``deletion_prob``,
+``item_readings``, ``item_readings_weight``, ``reading_average``), as ``llmrec evaluate``
+scores it, unless ``--tied_orders``, ``--deletion_readings`` or ``--item_readings`` is given. ``--mean NAME`` adds a column NAME: each user's NDCG@10
+averaged over all the checkpoints given (several seeds of one recipe: the recipe's expected
+figure on this file, with the users' sampling noise alone in its interval).
 
 Scores every user of the split with each checkpoint and with the item co-occurrence baseline
 (``itemknn_with_valid`` on test, ``itemknn`` on valid: the counts the input can see), then
@@ -18,9 +22,11 @@ splits the users by
 - the length of the history before the held-out event (quartiles);
 - the popularity of the held-out item in the training events (terciles),
 
-and prints each model's NDCG@10 per group with its ratio to item-kNN's. The result goes to
-``benchmarks/results/breakdown_<name>.json``. It is a diagnosis, not a quality bar: a group of
-a few hundred users has a 95% interval of several points of NDCG@10.
+and prints each model's NDCG@10 per group with its ratio to item-kNN's and the 95% interval
+of that ratio: a paired bootstrap over the group's users (``--bootstrap`` resamples; the same
+users for the model and item-kNN), so an interval that contains 1 is a tie on this file. The
+result goes to ``benchmarks/results/breakdown_<name>.json``. It is a diagnosis, not a quality
+bar: a group of a few hundred users has a 95% interval of several points of NDCG@10.
 """
 
 from __future__ import annotations
@@ -75,6 +81,17 @@ def main() -> None:
     parser.add_argument("--tied_orders", type=int, default=None,
                         help="orders of tied history events to average the models' scores over "
                              "(default: each checkpoint's evaluation.tied_orders)")
+    parser.add_argument("--deletion_readings", type=int, default=None,
+                        help="deletion readings to average the models' scores over (default: each "
+                             "checkpoint's evaluation.deletion_readings)")
+    parser.add_argument("--item_readings", type=int, default=None,
+                        help="last items read alone mixed into the models' states (default: each "
+                             "checkpoint's evaluation.item_readings)")
+    parser.add_argument("--mean", default=None, metavar="NAME",
+                        help="add a column NAME: each user's NDCG@10 averaged over all the checkpoints")
+    parser.add_argument("--bootstrap", type=int, default=2000,
+                        help="paired bootstrap resamples of the ratio's 95%% interval (0: none)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--name", default=None, help="result file suffix (default: the data folder's name)")
     args = parser.parse_args()
@@ -101,20 +118,35 @@ def main() -> None:
             models[name] = (Path(path), flag == "--network")
     if not models:
         parser.error("give at least one --model or --network")
+    if args.mean is not None and (args.mean in models or args.mean == "item-kNN"):
+        parser.error(f"--mean {args.mean!r}: the name is taken")
+    if args.bootstrap < 0:
+        parser.error(f"--bootstrap {args.bootstrap}: must be >= 0")
     try:
         data = ProcessedData(args.data_dir)
         eval_config = EvaluationConfig()
-        scores, max_len, used_orders = {}, 50, {}
+        scores, max_len, readings = {}, 50, {}
         for name, (path, network_alone) in models.items():
             model, config, _ = load_checkpoint(path)
             if network_alone:
                 model.attach_item_knn(None, 0.0)
             max_len = config.model.max_seq_len
-            orders = args.tied_orders if args.tied_orders is not None else config.evaluation.tied_orders
-            model_config = dataclasses.replace(eval_config, tied_orders=orders)
+            own = config.evaluation
+            model_config = dataclasses.replace(
+                eval_config,
+                tied_orders=own.tied_orders if args.tied_orders is None else args.tied_orders,
+                deletion_readings=own.deletion_readings if args.deletion_readings is None else args.deletion_readings,
+                deletion_prob=own.deletion_prob,
+                item_readings=own.item_readings if args.item_readings is None else args.item_readings,
+                item_readings_weight=own.item_readings_weight,
+                reading_average=own.reading_average,
+            )
             result = evaluate(model, data, args.split, model_config, max_len, protocols=("full",), return_ranks=True)
             scores[name] = (result["users"], ndcg_at_k(result["ranks"]["full"], 10))
-            used_orders[name] = result["tied_orders"]
+            readings[name] = {"tied_orders": result["tied_orders"], "deletion_readings": model_config.deletion_readings,
+                              "deletion_prob": model_config.deletion_prob, "item_readings": model_config.item_readings,
+                              "item_readings_weight": model_config.item_readings_weight,
+                              "reading_average": model_config.reading_average}
         baseline = "itemknn_with_valid" if args.split == "test" else "itemknn"
         knn = get_baseline(baseline, data, split=args.split, settings=ItemKNNConfig(direction=args.knn_direction))
         result = evaluate(knn, data, args.split, eval_config, max_len, protocols=("full",), return_ranks=True)
@@ -125,29 +157,46 @@ def main() -> None:
     for name, (order, _) in scores.items():
         if not np.array_equal(order, users):
             sys.exit(f"error: {name}: users in another order than item-kNN's")
+    if args.mean is not None:
+        knn_scores = scores.pop("item-kNN")
+        scores[args.mean] = (users, np.mean([values for _, values in scores.values()], axis=0))
+        scores["item-kNN"] = knn_scores
     masks = groups(data, args.split)
     table = {}
     width = max(len(g) for g in masks)
-    print(f"{args.split} split, full-ranking NDCG@10 (ratio to item-kNN)")
+    interval = f", 95% interval of {args.bootstrap} paired bootstrap resamples" if args.bootstrap else ""
+    print(f"{args.split} split, full-ranking NDCG@10 (ratio to item-kNN{interval})")
+    rng = np.random.default_rng(args.seed)
     for group, mask in masks.items():
         row = {"users": int(mask.sum())}
-        knn_value = float(scores["item-kNN"][1][mask].mean())
+        knn_values = scores["item-kNN"][1][mask]
+        knn_value = float(knn_values.mean())
+        # The same resampled users for every model and item-kNN (paired).
+        resamples = rng.integers(0, len(knn_values), size=(args.bootstrap, len(knn_values))) if args.bootstrap else None
         cells = []
-        for name, (_, values) in scores.items():
-            value = float(values[mask].mean())
+        for name, (_, all_values) in scores.items():
+            values = all_values[mask]
+            value = float(values.mean())
             row[name] = round(value, 4)
-            if name != "item-kNN":
-                ratio = value / knn_value if knn_value > 0 else float("nan")
-                row[f"{name} / item-kNN"] = round(ratio, 3)
-                cells.append(f"{name} {value:.4f} ({ratio:.2f}x)")
-            else:
+            if name == "item-kNN":
                 cells.append(f"item-kNN {value:.4f}")
+                continue
+            ratio = value / knn_value if knn_value > 0 else float("nan")
+            row[f"{name} / item-kNN"] = round(ratio, 3)
+            if resamples is None:
+                cells.append(f"{name} {value:.4f} ({ratio:.2f}x)")
+                continue
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratios = values[resamples].mean(axis=1) / knn_values[resamples].mean(axis=1)
+            low, high = np.nanquantile(ratios, [0.025, 0.975])
+            row[f"{name} / item-kNN ci95"] = [round(float(low), 3), round(float(high), 3)]
+            cells.append(f"{name} {value:.4f} ({ratio:.2f}x, {low:.2f}-{high:.2f})")
         table[group] = row
         print(f"{group:<{width}}  n={row['users']:<6d} " + "  ".join(cells))
     write_result(
         f"breakdown_{args.name or Path(args.data_dir).name}",
-        {"split": args.split, "data_dir": str(args.data_dir), "models": {k: {"checkpoint": str(p), "network_alone": alone, "tied_orders": used_orders[k]} for k, (p, alone) in models.items()},
-         "item_knn": baseline, "item_knn_direction": args.knn_direction, "groups": table, "command": " ".join(sys.argv), "machine": machine()},
+        {"split": args.split, "data_dir": str(args.data_dir), "models": {k: {"checkpoint": str(p), "network_alone": alone, **readings[k]} for k, (p, alone) in models.items()},
+         "mean_of_models": args.mean, "bootstrap": args.bootstrap, "item_knn": baseline, "item_knn_direction": args.knn_direction, "groups": table, "command": " ".join(sys.argv), "machine": machine()},
     )
 
 
