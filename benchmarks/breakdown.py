@@ -8,7 +8,8 @@
 ``--network`` scores it without the table: the network alone. Each checkpoint is scored with
 its own ``evaluation`` readings (``tied_orders``, ``deletion_readings``, ``deletion_prob``,
 ``item_readings``, ``item_readings_weight``, ``reading_average``), as ``llmrec evaluate``
-scores it, unless ``--tied_orders``, ``--deletion_readings`` or ``--item_readings`` is given. ``--mean NAME`` adds a column NAME: each user's NDCG@10
+scores it, unless ``--tied_orders``, ``--deletion_readings`` or ``--item_readings`` is given.
+``--mean NAME`` adds a column NAME: each user's NDCG@10
 averaged over all the checkpoints given (several seeds of one recipe: the recipe's expected
 figure on this file, with the users' sampling noise alone in its interval).
 
