@@ -24,6 +24,29 @@ def require(path: Path, what: str) -> Path:
     return path
 
 
+def add_network_arguments(parser, split: str = "valid") -> None:
+    """``--data_dir``, repeatable ``--network NAME=CHECKPOINT`` and ``--split`` (default
+    ``split``): the arguments of the benchmarks that score saved networks."""
+    parser.add_argument("--data_dir", required=True)
+    parser.add_argument("--network", action="append", default=[], metavar="NAME=CHECKPOINT",
+                        help="a checkpoint scored without its neighbour table, repeatable")
+    parser.add_argument("--split", choices=("valid", "test"), default=split)
+
+
+def parse_networks(parser, specs: list[str], reserved: tuple[str, ...] = ()) -> dict[str, Path]:
+    """``--network`` values -> {name: checkpoint}; a malformed, repeated or ``reserved`` name is
+    a usage error."""
+    networks: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path or name in networks or name in reserved:
+            parser.error(f"--network {spec!r}: expected NAME=CHECKPOINT with a new name")
+        networks[name] = Path(path)
+    if not networks:
+        parser.error("give at least one --network")
+    return networks
+
+
 def machine() -> dict:
     """What the numbers were measured on, including the load from other processes."""
     load = os.getloadavg()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, write_result  # noqa: E402
+from common import add_network_arguments, machine, parse_networks, write_result  # noqa: E402
 
 
 def numbers(text: str, kind: type) -> list:
@@ -37,10 +37,7 @@ def numbers(text: str, kind: type) -> list:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_dir", required=True)
-    parser.add_argument("--network", action="append", default=[], metavar="NAME=CHECKPOINT",
-                        help="a checkpoint scored without its neighbour table, repeatable")
-    parser.add_argument("--split", choices=("valid", "test"), default="valid")
+    add_network_arguments(parser)
     parser.add_argument("--counts", type=lambda t: numbers(t, int), default=[1, 2, 3, 5, 10],
                         help="item_readings values (the last k items)")
     parser.add_argument("--weights", type=lambda t: numbers(t, float), default=[0.2, 0.33, 0.5, 0.67],
@@ -49,14 +46,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--name", default=None, help="result file suffix (default: the data folder's name)")
     args = parser.parse_args()
-    networks = {}
-    for spec in args.network:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path or name in networks:
-            parser.error(f"--network {spec!r}: expected NAME=CHECKPOINT with a new NAME")
-        networks[name] = Path(path)
-    if not networks:
-        parser.error("give at least one --network")
+    networks = parse_networks(parser, args.network)
     if any(k < 1 for k in args.counts) or any(not 0 < w <= 1 for w in args.weights):
         parser.error("--counts must be >= 1 and --weights in (0, 1]")
 

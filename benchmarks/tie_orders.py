@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, write_result  # noqa: E402
+from common import add_network_arguments, machine, parse_networks, write_result  # noqa: E402
 
 
 class TieOrderAverage:
@@ -103,10 +103,7 @@ class TieOrderAverage:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_dir", required=True)
-    parser.add_argument("--network", action="append", default=[], metavar="NAME=CHECKPOINT",
-                        help="a checkpoint scored without its neighbour table, repeatable")
-    parser.add_argument("--split", choices=("valid", "test"), default="valid")
+    add_network_arguments(parser)
     parser.add_argument("--orders", type=int, default=32, help="random orders averaged (>= 2)")
     parser.add_argument("--average", choices=("probability", "score"), default="probability")
     parser.add_argument("--threads", type=int, default=1)
@@ -131,12 +128,7 @@ def main() -> None:
     from llm_recommender.evaluation.evaluator import evaluate
 
     torch.set_num_threads(args.threads)
-    specs = {}
-    for spec in args.network:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path or name in specs or name == "item-kNN":
-            parser.error(f"--network {spec!r}: expected NAME=CHECKPOINT with a new name")
-        specs[name] = Path(path)
+    specs = parse_networks(parser, args.network, reserved=("item-kNN",))
     eval_config = EvaluationConfig()
     rows = {}
     try:
