@@ -44,6 +44,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, write_result  # noqa: E402
 
 
+# The evaluation keys that say how a history is read; each checkpoint is scored with its own.
+READING_KEYS = ("tied_orders", "deletion_readings", "deletion_prob", "item_readings", "item_readings_weight",
+                "reading_average")
+
+
 def groups(data, split: str) -> dict[str, np.ndarray]:
     """Boolean masks over ``data.eval_examples(split)``'s users, by name; empty groups left
     out (no same-second events, a quartile edge repeated by short-history data)."""
@@ -132,22 +137,15 @@ def main() -> None:
             if network_alone:
                 model.attach_item_knn(None, 0.0)
             max_len = config.model.max_seq_len
-            own = config.evaluation
-            model_config = dataclasses.replace(
-                eval_config,
-                tied_orders=own.tied_orders if args.tied_orders is None else args.tied_orders,
-                deletion_readings=own.deletion_readings if args.deletion_readings is None else args.deletion_readings,
-                deletion_prob=own.deletion_prob,
-                item_readings=own.item_readings if args.item_readings is None else args.item_readings,
-                item_readings_weight=own.item_readings_weight,
-                reading_average=own.reading_average,
-            )
-            result = evaluate(model, data, args.split, model_config, max_len, protocols=("full",), return_ranks=True)
+            # The checkpoint's own readings, as llmrec evaluate reads it, unless overridden.
+            overrides = {"tied_orders": args.tied_orders, "deletion_readings": args.deletion_readings,
+                         "item_readings": args.item_readings}
+            settings = {key: getattr(config.evaluation, key) if overrides.get(key) is None else overrides[key]
+                        for key in READING_KEYS}
+            result = evaluate(model, data, args.split, dataclasses.replace(eval_config, **settings), max_len,
+                              protocols=("full",), return_ranks=True)
             scores[name] = (result["users"], ndcg_at_k(result["ranks"]["full"], 10))
-            readings[name] = {"tied_orders": result["tied_orders"], "deletion_readings": model_config.deletion_readings,
-                              "deletion_prob": model_config.deletion_prob, "item_readings": model_config.item_readings,
-                              "item_readings_weight": model_config.item_readings_weight,
-                              "reading_average": model_config.reading_average}
+            readings[name] = {**settings, "tied_orders": result["tied_orders"]}  # the orders the data has
         baseline = "itemknn_with_valid" if args.split == "test" else "itemknn"
         knn = get_baseline(baseline, data, split=args.split, settings=ItemKNNConfig(direction=args.knn_direction))
         result = evaluate(knn, data, args.split, eval_config, max_len, protocols=("full",), return_ranks=True)
@@ -174,6 +172,7 @@ def main() -> None:
         knn_value = float(knn_values.mean())
         # The same resampled users for every model and item-kNN (paired).
         resamples = rng.integers(0, len(knn_values), size=(args.bootstrap, len(knn_values))) if args.bootstrap else None
+        knn_resampled = knn_values[resamples].mean(axis=1) if resamples is not None else None
         cells = []
         for name, (_, all_values) in scores.items():
             values = all_values[mask]
@@ -188,7 +187,7 @@ def main() -> None:
                 cells.append(f"{name} {value:.4f} ({ratio:.2f}x)")
                 continue
             with np.errstate(divide="ignore", invalid="ignore"):
-                ratios = values[resamples].mean(axis=1) / knn_values[resamples].mean(axis=1)
+                ratios = values[resamples].mean(axis=1) / knn_resampled
             low, high = np.nanquantile(ratios, [0.025, 0.975])
             row[f"{name} / item-kNN ci95"] = [round(float(low), 3), round(float(high), 3)]
             cells.append(f"{name} {value:.4f} ({ratio:.2f}x, {low:.2f}-{high:.2f})")

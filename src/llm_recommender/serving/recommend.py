@@ -35,6 +35,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from ..config import EvaluationConfig
 from ..errors import CheckpointError, ConfigError, DataError, LLMRecError
 from ..io_utils import atomic_file
 
@@ -102,7 +103,7 @@ class Recommender:
         deletion_prob: float = 0.2,
         reading_average: str = "scores",
         item_readings: int = 0,
-        item_readings_weight: float = 0.33,
+        item_readings_weight: float = EvaluationConfig.item_readings_weight,
     ) -> None:
         self.model = model.eval()
         if item_readings and hasattr(model, "item_readings"):  # evaluation.item_readings
